@@ -1,0 +1,5 @@
+"""``python -m distcomp`` is the ``distcomp`` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,79 @@
+-- Shared helpers, prepended to every transition script when it is loaded.
+--
+-- KEYS[1] is the queue prefix, e.g. "dc:{default}:". Every key a script touches
+-- is built from it, so all keys of a queue share one hash tag (one cluster
+-- slot) and the key layout is written down once, in store.py and here.
+--
+-- Times are milliseconds from the Redis server's clock (TIME), never a
+-- worker's: a hundred nodes never agree on the time, the server does.
+local P = KEYS[1]
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function int(x)
+  return string.format('%d', x)
+end
+
+local function task_key(tid) return P .. 'task:' .. tid end
+local function job_key(jid) return P .. 'job:' .. jid end
+local function ready_key(shape) return P .. 'ready:' .. shape end
+local function wtasks_key(worker) return P .. 'worker:' .. worker .. ':tasks' end
+local function worker_key(worker) return P .. 'worker:' .. worker end
+
+-- Per-state counters live beside the job record and queue-wide, and move in
+-- the same script as the state itself: `status` is two HGETALLs, never a scan.
+local function move(job, from, to)
+  if from then
+    redis.call('HINCRBY', job_key(job), 'n_' .. from, -1)
+    redis.call('HINCRBY', P .. 'counts', from, -1)
+  end
+  if to then
+    redis.call('HINCRBY', job_key(job), 'n_' .. to, 1)
+    redis.call('HINCRBY', P .. 'counts', to, 1)
+  end
+end
+
+local function event(kind, tid, ...)
+  redis.call('XADD', P .. 'events', 'MAXLEN', '~', 10000, '*', 'type', kind, 'task', tid, ...)
+end
+
+-- Put a task (state already chosen by the caller) back into its ready set.
+local function make_ready(tid, shape, score)
+  redis.call('ZADD', ready_key(shape), score, tid)
+  redis.call('SADD', P .. 'shapes', shape)
+end
+
+-- Drop a running task's lease: it leaves the lease index and its worker's set.
+local function drop_lease(tid, worker)
+  redis.call('ZREM', P .. 'running', tid)
+  if worker and worker ~= '' then
+    redis.call('SREM', wtasks_key(worker), tid)
+  end
+  redis.call('HDEL', task_key(tid), 'token', 'deadline')
+end
+
+-- running -> queued without counting a failure (preemption, release, lost lease).
+local function requeue_running(tid, reason, counter)
+  local tk = task_key(tid)
+  local f = redis.call('HMGET', tk, 'job', 'worker', 'shape', 'score')
+  drop_lease(tid, f[2])
+  redis.call('HSET', tk, 'state', 'queued', 'reason', reason, 'worker', '')
+  if counter then redis.call('HINCRBY', tk, counter, 1) end
+  move(f[1], 'running', 'queued')
+  make_ready(tid, f[3], f[4])
+  return f
+end
+
+local function wake()
+  redis.call('PUBLISH', P .. 'wake', '1')
+end
+
+-- Record that a completion arrived with a token that no longer owns the task.
+-- It is kept (counted and in the event stream) but never applied.
+local function reject_stale(tid, token, what)
+  redis.call('HINCRBY', P .. 'counts', 'stale_reports', 1)
+  event('stale', tid, 'token', token, 'report', what)
+end

@@ -1,0 +1,86 @@
+-- claim: queued -> running, up to max_count tasks that fit the worker's free resources.
+--
+-- ARGV: worker, instance, free_mem, free_cpus, free_gpus, max_count, lease_ms
+--
+-- Cost: O(shapes * log N). Ready tasks sit in one sorted set per resource shape
+-- ("m<mem floor MiB>:c<cpus>:g<gpus>"); the script looks only at the heads of the
+-- shapes whose cpus/gpus/memory floor fit, checks the head's exact memory, takes
+-- the best score, and repeats. A task that failed on this worker is passed over
+-- while some other live worker has not failed it (only the few heads inspected
+-- are checked), so exclusions never turn a claim into a scan.
+--
+-- Invariants: the caller must be the registered instance of its name; each
+-- claimed task gets a fresh lease token (a counter, never reused) and a deadline
+-- from the server clock, enters the lease index and the worker's task set, and
+-- its counters move queued -> running in the same step.
+-- Returns: flat list of {task_id, token, attempt, spec_json} per claimed task.
+local worker, instance = ARGV[1], ARGV[2]
+local free_mem, free_cpus, free_gpus = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local max_count, lease_ms = tonumber(ARGV[6]), tonumber(ARGV[7])
+if redis.call('HGET', worker_key(worker), 'instance') ~= instance then
+  return redis.error_reply('NOTOWNER worker name ' .. worker .. ' is registered to another process')
+end
+local now = now_ms()
+local HEAD_SCAN = 8
+local live = nil  -- live workers, computed only if an excluded head is met
+
+local function excluded(tid)
+  local excl = redis.call('HGET', task_key(tid), 'excl')
+  if not excl or not string.find(excl, '|' .. worker .. '|', 1, true) then return false end
+  if not live then
+    live = redis.call('ZRANGEBYSCORE', P .. 'workers', now - lease_ms, '+inf')
+  end
+  for _, w in ipairs(live) do
+    if w ~= worker and not string.find(excl, '|' .. w .. '|', 1, true) then return true end
+  end
+  return false
+end
+
+local out = {}
+local shapes = redis.call('SMEMBERS', P .. 'shapes')
+for _ = 1, max_count do
+  local best_tid, best_score, best_shape, best_mem = nil, nil, nil, nil
+  for _, shape in ipairs(shapes) do
+    local m, c, g = string.match(shape, '^m(%d+):c(%d+):g(%d+)$')
+    m, c, g = tonumber(m) * 1048576, tonumber(c), tonumber(g)
+    if c <= free_cpus and g <= free_gpus and m <= free_mem then
+      local head = redis.call('ZRANGE', ready_key(shape), 0, HEAD_SCAN - 1, 'WITHSCORES')
+      for i = 1, #head, 2 do
+        local tid, score = head[i], tonumber(head[i + 1])
+        if best_score and score >= best_score then break end
+        if not excluded(tid) then
+          local mem = tonumber(redis.call('HGET', task_key(tid), 'mem'))
+          if mem <= free_mem then
+            best_tid, best_score, best_shape, best_mem = tid, score, shape, mem
+          end
+          break
+        end
+      end
+    end
+  end
+  if not best_tid then break end
+  local rk = ready_key(best_shape)
+  redis.call('ZREM', rk, best_tid)
+  if redis.call('ZCARD', rk) == 0 then
+    redis.call('SREM', P .. 'shapes', best_shape)
+  end
+  local tk = task_key(best_tid)
+  local token = tostring(redis.call('INCR', P .. 'seq:lease'))
+  local attempt = redis.call('HINCRBY', tk, 'attempt', 1)
+  local deadline = now + lease_ms
+  redis.call('HSET', tk, 'state', 'running', 'worker', worker, 'token', token,
+    'deadline', int(deadline), 'claimed_at', int(now))
+  redis.call('ZADD', P .. 'running', int(deadline), best_tid)
+  redis.call('SADD', wtasks_key(worker), best_tid)
+  local f = redis.call('HMGET', tk, 'job', 'spec', 'cpus', 'gpus')
+  move(f[1], 'queued', 'running')
+  event('claim', best_tid, 'worker', worker, 'attempt', attempt)
+  out[#out + 1] = best_tid
+  out[#out + 1] = token
+  out[#out + 1] = attempt
+  out[#out + 1] = f[2]
+  free_mem = free_mem - best_mem
+  free_cpus = free_cpus - tonumber(f[3])
+  free_gpus = free_gpus - tonumber(f[4])
+end
+return out

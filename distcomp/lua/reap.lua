@@ -1,0 +1,39 @@
+-- reap: running -> queued for every task whose lease expired (its worker died).
+--
+-- ARGV: lock_ms, max_lost, batch
+--
+-- Idempotent and safe for any participant to run: it acts only on leases whose
+-- deadline (server clock) has passed, and a short lock makes concurrent reapers
+-- return at once instead of repeating the work. A task whose worker was lost
+-- more than max_lost times fails ("lost its worker N times") instead of looping
+-- forever, e.g. a task that kills every node it lands on.
+-- Returns: number of tasks reaped, or -1 if another reaper holds the lock.
+local lock_ms, max_lost, batch = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+if not redis.call('SET', P .. 'lock:reap', '1', 'NX', 'PX', lock_ms) then
+  return -1
+end
+local now = now_ms()
+local expired = redis.call('ZRANGEBYSCORE', P .. 'running', '-inf', now, 'LIMIT', 0, batch)
+for _, tid in ipairs(expired) do
+  local tk = task_key(tid)
+  local f = redis.call('HMGET', tk, 'state', 'worker', 'job', 'lost')
+  if f[1] ~= 'running' then
+    redis.call('ZREM', P .. 'running', tid)
+  else
+    local lost = tonumber(f[4] or '0') + 1
+    local reason = 'lease expired: worker ' .. (f[2] or '?') .. ' stopped renewing'
+    if lost > max_lost then
+      drop_lease(tid, f[2])
+      redis.call('HSET', tk, 'state', 'failed', 'lost', lost, 'finished_at', int(now),
+        'reason', 'lost its worker ' .. lost .. ' times; last: ' .. reason)
+      redis.call('ZADD', P .. 'failed', int(now), tid)
+      move(f[3], 'running', 'failed')
+      event('failed', tid, 'reason', 'lost worker')
+    else
+      requeue_running(tid, reason, 'lost')
+      event('reaped', tid, 'worker', f[2] or '')
+    end
+  end
+end
+if #expired > 0 then wake() end
+return #expired

@@ -1,0 +1,209 @@
+"""How one task runs: its own process group, environment, log files, limits.
+
+Knows nothing about Redis. The worker asks it to start a task, to tell whether
+it ended (``poll``), to sample its memory, and to kill it; it answers with plain
+values. Each task runs as ``/bin/sh -c CMD`` in a new session, so killing its
+process group takes every child it forked with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from .spec import TaskSpec
+
+#: Bytes of stdout/stderr kept in the task record; the full logs stay in files.
+DEFAULT_TAIL_BYTES = 8192
+
+
+@dataclass
+class Outcome:
+    """How a task process ended."""
+
+    exit_code: int | None
+    signal: int | None
+    wall: float
+    peak_rss: int
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.reason
+
+
+@dataclass
+class TaskProcess:
+    """A started task: its process, where its output goes, and what it used."""
+
+    task_id: str
+    popen: subprocess.Popen[bytes]
+    out_path: Path
+    err_path: Path
+    started: float
+    started_wall: float
+    deadline: float | None
+    peak_rss: int = 0
+    parent_maxrss_kb: int = 0
+    kill_reason: str = ""
+    kill_sent_at: float | None = None
+    #: A pidfd the worker's selector waits on, so a task's end wakes the loop at once.
+    pidfd: int | None = None
+    _psutil: psutil.Process | None = field(default=None, repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def poll(self) -> Outcome | None:
+        """Reap the process if it ended (non-blocking); also sweeps its group."""
+        if self.popen.returncode is None:
+            try:
+                pid, status, rusage = os.wait4(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                pid, status, rusage = self.pid, 0, None
+            if pid == 0:
+                return None
+            self.popen.returncode = os.waitstatus_to_exitcode(status)
+            # At exec the kernel folds the parent's high-water RSS into the child's
+            # ru_maxrss, so it only tells us something when it exceeds ours.
+            if rusage is not None and rusage.ru_maxrss > self.parent_maxrss_kb:
+                self.peak_rss = max(self.peak_rss, rusage.ru_maxrss * 1024)
+            # The shell is gone; anything it left behind in its group goes too.
+            _signal_group(self.pid, signal.SIGKILL)
+        code = self.popen.returncode
+        wall = time.monotonic() - self.started
+        if code < 0:
+            return Outcome(None, -code, wall, self.peak_rss, self.kill_reason)
+        return Outcome(code, None, wall, self.peak_rss, self.kill_reason)
+
+    def sample_rss(self) -> int:
+        """Sum of RSS over the process tree now; updates the peak."""
+        try:
+            if self._psutil is None:
+                self._psutil = psutil.Process(self.pid)
+            procs = [self._psutil, *self._psutil.children(recursive=True)]
+        except psutil.Error:
+            return 0
+        total = 0
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                total += proc.memory_info().rss
+        self.peak_rss = max(self.peak_rss, total)
+        return total
+
+    def terminate(self, reason: str) -> None:
+        """SIGTERM the whole group now; :meth:`escalate` sends SIGKILL after the grace."""
+        if self.kill_sent_at is None:
+            self.kill_reason = reason
+            self.kill_sent_at = time.monotonic()
+            _signal_group(self.pid, signal.SIGTERM)
+
+    def escalate(self, grace: float) -> None:
+        if self.kill_sent_at is not None and time.monotonic() - self.kill_sent_at >= grace:
+            _signal_group(self.pid, signal.SIGKILL)
+
+    def kill_now(self, reason: str) -> None:
+        self.kill_reason = self.kill_reason or reason
+        self.kill_sent_at = self.kill_sent_at or time.monotonic()
+        _signal_group(self.pid, signal.SIGKILL)
+
+    def tails(self, limit: int = DEFAULT_TAIL_BYTES) -> tuple[str, str]:
+        return read_tail(self.out_path, limit), read_tail(self.err_path, limit)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def read_tail(path: Path, limit: int = DEFAULT_TAIL_BYTES) -> str:
+    """The last ``limit`` bytes of a log, decoded with replacement (never raises)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - limit))
+            data = handle.read(limit)
+    except OSError:
+        return ""
+    text = data.decode("utf-8", errors="replace")
+    if size > limit:
+        text = f"[... {size - limit} earlier bytes in {path}]\n" + text
+    return text
+
+
+class LaunchError(RuntimeError):
+    """The task could not be started at all (missing cwd, unwritable log dir...)."""
+
+
+def task_environment(spec: TaskSpec, task_id: str, attempt: int, gpus: list[int]
+                     ) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(dict(spec.env))
+    threads = str(max(1, spec.cpus))
+    env.update({
+        "DISTCOMP_TASK_ID": task_id,
+        "DISTCOMP_JOB_ID": task_id.split(".", 1)[0],
+        "DISTCOMP_ATTEMPT": str(attempt),
+        "DISTCOMP_CPUS": threads,
+    })
+    env.setdefault("OMP_NUM_THREADS", threads)
+    if gpus or spec.gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
+    return env
+
+
+def start(spec: TaskSpec, task_id: str, attempt: int, log_dir: Path, *,
+          gpus: list[int] | None = None) -> TaskProcess:
+    """Start ``/bin/sh -c CMD`` in its own session with output to per-attempt files."""
+    job_id = task_id.split(".", 1)[0]
+    task_dir = log_dir / job_id
+    out_path = task_dir / f"{task_id}.{attempt}.out"
+    err_path = task_dir / f"{task_id}.{attempt}.err"
+    try:
+        task_dir.mkdir(parents=True, exist_ok=True)
+        out_file = open(out_path, "wb")  # noqa: SIM115 - handed to the child
+        err_file = open(err_path, "wb")  # noqa: SIM115
+    except OSError as exc:
+        raise LaunchError(f"cannot write logs under {task_dir}: {exc.strerror}") from exc
+    cwd = os.path.expanduser(spec.cwd) if spec.cwd else None
+    try:
+        popen = subprocess.Popen(
+            ["/bin/sh", "-c", spec.cmd],
+            stdin=subprocess.DEVNULL,
+            stdout=out_file,
+            stderr=err_file,
+            cwd=cwd,
+            env=task_environment(spec, task_id, attempt, gpus or []),
+            start_new_session=True,
+            close_fds=True,
+        )
+    except FileNotFoundError as exc:
+        raise LaunchError(f"working directory {cwd!r} does not exist") from exc
+    except NotADirectoryError as exc:
+        raise LaunchError(f"working directory {cwd!r} is not a directory") from exc
+    except PermissionError as exc:
+        raise LaunchError(f"cannot enter working directory {cwd!r}: {exc.strerror}") from exc
+    finally:
+        out_file.close()
+        err_file.close()
+    now = time.monotonic()
+    return TaskProcess(
+        task_id=task_id,
+        popen=popen,
+        out_path=out_path,
+        err_path=err_path,
+        started=now,
+        started_wall=time.time(),
+        deadline=now + spec.timeout if spec.timeout else None,
+        parent_maxrss_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+    )

@@ -1,0 +1,257 @@
+"""Task specifications: the validated, immutable description of one task.
+
+Everything that reaches the store has passed through :class:`TaskSpec`, so the
+store and the worker can trust its fields. Parsing of task *files* lives in
+:mod:`distcomp.taskfile`; this module holds the value types and the field
+validators both the file parsers and the CLI flags share, so an error reads the
+same wherever the bad value came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+GIB = 1024**3
+MIB = 1024**2
+
+#: Priorities are packed into a sorted-set score together with the submission
+#: sequence number (see ``store``); this range keeps that score exact in a double.
+PRIORITY_MIN = -999
+PRIORITY_MAX = 999
+
+TASK_KINDS = ("shell",)
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": GIB, "k": 1024, "m": MIB, "g": GIB, "t": 1024**4, "p": 1024**5}
+_DURATION_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?", re.IGNORECASE)
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "": 1.0}
+
+
+class FieldError(ValueError):
+    """A single field holds a value that cannot be used; names the field and the fix."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"field '{field_name}': {message}")
+        self.field = field_name
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with one line of one input."""
+
+    source: str
+    line: int
+    field: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.source}:{self.line}" if self.line else self.source
+        what = f"field '{self.field}': " if self.field else ""
+        return f"{where}: {what}{self.message}"
+
+
+class SpecError(ValueError):
+    """Input was refused as a whole; carries every problem found (capped)."""
+
+    def __init__(self, problems: list[Problem], total: int | None = None) -> None:
+        self.problems = problems
+        self.total = total if total is not None else len(problems)
+        lines = [str(p) for p in problems]
+        if self.total > len(problems):
+            lines.append(f"... and {self.total - len(problems)} more problems")
+        lines.append("nothing was submitted; fix the lines above and submit again")
+        super().__init__("\n".join(lines))
+
+
+def parse_size(value: Any, field_name: str = "mem") -> int:
+    """Parse a memory size into bytes.
+
+    A bare number means GiB, because the predecessor's ``min_dram_GB`` column
+    did, and a task file should not change meaning when moved to TOML.
+    """
+    if isinstance(value, bool):
+        raise FieldError(field_name, f"expected a size like 512M or 4G, got {value!r}")
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value) or value < 0 or value > 2**50:
+            raise FieldError(field_name, f"size must be a finite positive number, got {value!r}")
+        return int(value * GIB)
+    if not isinstance(value, str):
+        raise FieldError(field_name, f"expected a size like 512M or 4G, got {value!r}")
+    match = _SIZE_RE.match(value) if len(value) < 64 else None
+    unit, suffix = (match.group(2).lower(), match.group(3).lower()) if match else ("", "")
+    if not match or (suffix and suffix not in ("b", "ib")) or (not unit and suffix == "ib"):
+        raise FieldError(
+            field_name, f"cannot read size {value!r}; use a number of GiB or a unit: 512M, 4G"
+        )
+    multiplier = 1 if (not unit and suffix == "b") else _SIZE_UNITS[unit]
+    return int(float(match.group(1)) * multiplier)
+
+
+def parse_duration(value: Any, field_name: str = "timeout") -> float:
+    """Parse a duration into seconds: ``90``, ``90s``, ``5m``, ``1h30m``, ``250ms``."""
+    if isinstance(value, bool):
+        raise FieldError(field_name, f"expected a duration like 90s or 2h, got {value!r}")
+    bad = FieldError(field_name, f"cannot read duration {value!r}; use e.g. 90, 90s, 5m, 2h")
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value) or value < 0:
+            raise bad
+        return float(value)
+    if not isinstance(value, str) or not value.strip() or len(value) > 64:
+        raise bad
+    parts = list(_DURATION_RE.finditer(value.strip()))
+    text = value.strip()
+    # Parts must tile the text exactly; only the last may omit its unit ("1h30").
+    if not parts or ("".join(m.group(0) for m in parts) != text.replace(" ", "") and \
+            " ".join(m.group(0) for m in parts) != text):
+        raise bad
+    total = 0.0
+    for i, match in enumerate(parts):
+        unit = (match.group(2) or "").lower()
+        if not unit and i != len(parts) - 1:
+            raise bad
+        total += float(match.group(1)) * _DURATION_UNITS[unit]
+    if not math.isfinite(total):
+        raise bad
+    return total
+
+
+def format_size(nbytes: int | float | None) -> str:
+    """Render bytes the way people write them in task files (``1.5G``)."""
+    if nbytes is None:
+        return "-"
+    value = float(nbytes)
+    for unit in ("B", "K", "M", "G", "T"):
+        if abs(value) < 1024 or unit == "T":
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    return f"{value:.1f}P"  # pragma: no cover - loop returns at T
+
+
+def check_int(value: Any, field_name: str, low: int, high: int | None = None) -> int:
+    """An integer in range; refuses bools and floats with a fraction."""
+    if isinstance(value, bool):
+        raise FieldError(field_name, f"expected an integer, got {value!r}")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d{1,18}\s*", value):
+        value = int(value)
+    if not isinstance(value, int):
+        raise FieldError(field_name, f"expected an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise FieldError(field_name, f"must be {bound}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What to run and what it needs. Immutable; ``source`` is where it was written."""
+
+    cmd: str
+    kind: str = "shell"
+    name: str | None = None
+    priority: int = 0
+    mem: int = 0
+    cpus: int = 1
+    gpus: int = 0
+    timeout: float | None = None
+    retries: int | None = None
+    env: tuple[tuple[str, str], ...] = ()
+    cwd: str | None = None
+    tags: tuple[str, ...] = ()
+    source: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        # Normalise so equal tasks compare (and deduplicate) equal however they were written.
+        object.__setattr__(self, "priority", check_int(self.priority, "priority", PRIORITY_MIN,
+                                                       PRIORITY_MAX))
+        object.__setattr__(self, "env", tuple(sorted(self.env)))
+        if self.kind not in TASK_KINDS:
+            raise FieldError(
+                "type", f"unknown task type {self.kind!r}; supported: {', '.join(TASK_KINDS)}"
+            )
+        if not isinstance(self.cmd, str) or not self.cmd.strip():
+            raise FieldError("cmd", "the command is empty; write the command to run")
+        if "\x00" in self.cmd:
+            raise FieldError("cmd", "the command contains a NUL byte")
+        check_int(self.mem, "mem", 0)
+        check_int(self.cpus, "cpus", 0, 4096)
+        check_int(self.gpus, "gpus", 0, 1024)
+        if self.timeout is not None and not self.timeout > 0:
+            raise FieldError("timeout", f"must be positive, got {self.timeout!r}")
+        if self.retries is not None:
+            check_int(self.retries, "retries", 0, 1000)
+        for key, val in self.env:
+            if not key or "=" in key or "\x00" in key or "\x00" in val:
+                raise FieldError("env", f"invalid environment variable {key!r}")
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.cmd
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire form stored in Redis (compact: defaults are left out)."""
+        out: dict[str, Any] = {"cmd": self.cmd}
+        if self.kind != "shell":
+            out["kind"] = self.kind
+        if self.name is not None:
+            out["name"] = self.name
+        if self.priority:
+            out["priority"] = self.priority
+        if self.mem:
+            out["mem"] = self.mem
+        if self.cpus != 1:
+            out["cpus"] = self.cpus
+        if self.gpus:
+            out["gpus"] = self.gpus
+        if self.timeout is not None:
+            out["timeout"] = self.timeout
+        if self.retries is not None:
+            out["retries"] = self.retries
+        if self.env:
+            out["env"] = dict(self.env)
+        if self.cwd is not None:
+            out["cwd"] = self.cwd
+        if self.tags:
+            out["tags"] = list(self.tags)
+        if self.source:
+            out["source"] = self.source
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TaskSpec:
+        return cls(
+            cmd=data["cmd"],
+            kind=data.get("kind", "shell"),
+            name=data.get("name"),
+            priority=data.get("priority", 0),
+            mem=data.get("mem", 0),
+            cpus=data.get("cpus", 1),
+            gpus=data.get("gpus", 0),
+            timeout=data.get("timeout"),
+            retries=data.get("retries"),
+            env=tuple(sorted(data.get("env", {}).items())),
+            cwd=data.get("cwd"),
+            tags=tuple(data.get("tags", ())),
+            source=data.get("source", ""),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> TaskSpec:
+        return cls.from_dict(json.loads(text))
+
+    def dedup_key(self) -> str:
+        """Identity for "submit the same file again": every field but where it was written."""
+        data = self.to_dict()
+        data.pop("source", None)
+        canonical = json.dumps(data, separators=(",", ":"), sort_keys=True)
+        return hashlib.sha1(canonical.encode()).hexdigest()

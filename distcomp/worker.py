@@ -1,0 +1,527 @@
+"""The node agent: claims what fits, runs it, reports it, keeps its leases alive.
+
+The loop, top to bottom, each turn:
+
+1. collect tasks that ended and queue their reports;
+2. enforce timeouts and finish kills that are under way;
+3. send queued reports (kept while Redis is unreachable, sent when it is back);
+4. heartbeat: renew every lease in one call; stop local copies of lost leases;
+5. reap expired leases of dead workers (idempotent, under a short lock);
+6. claim as many tasks as fit the free resources and start them;
+7. sleep until a task ends, new work is published, or a timer is due.
+
+There is no fixed sleep per task: a finished task wakes the loop through its
+pidfd, and new work through a pub/sub message, so a slot is refilled within
+milliseconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import selectors
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import redis
+
+from . import runner
+from .resources import detect_cpus, detect_gpus, detect_memory
+from .store import Claim, NameTakenError, NotOwnerError, Store
+
+log = logging.getLogger("distcomp.worker")
+
+_REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+
+@dataclass
+class WorkerConfig:
+    name: str | None = None
+    cpus: int | None = None
+    memory: int | None = None
+    gpus: list[int] | None = None
+    max_tasks: int | None = None
+    max_running: int = 256
+    log_dir: Path = Path(".distcomp/logs")
+    heartbeat: float = 5.0
+    lease: float = 30.0
+    kill_grace: float = 5.0
+    sample_interval: float = 1.0
+    tail_bytes: int = runner.DEFAULT_TAIL_BYTES
+    drain: bool = False
+    #: Stop once this returns True while the worker has nothing running (``run``).
+    exit_when: Callable[[], bool] | None = None
+
+
+@dataclass
+class Running:
+    claim: Claim
+    proc: runner.TaskProcess
+    gpus: list[int]
+    #: Give the task back instead of reporting it (worker stopping).
+    requeue_reason: str = ""
+    #: Our lease is gone (cancelled or taken over): stop it and report nothing.
+    abandoned: bool = False
+
+
+@dataclass
+class Stats:
+    succeeded: int = 0
+    failed: int = 0
+    requeued: int = 0
+    stale: int = 0
+    started: int = 0
+
+
+@dataclass
+class _Report:
+    kind: str  # complete | fail | requeue
+    task_id: str
+    token: str
+    result: dict[str, Any]
+    reason: str = ""
+
+
+@dataclass
+class _Timers:
+    heartbeat: float = 0.0
+    reap: float = 0.0
+    sample: float = 0.0
+    offline_until: float = 0.0
+
+
+class Worker:
+    def __init__(self, store: Store, config: WorkerConfig) -> None:
+        self.store = store
+        self.config = config
+        self.host = socket.gethostname()
+        self.instance = uuid.uuid4().hex
+        self.name = config.name or self.host
+        self.cpus = config.cpus if config.cpus is not None else detect_cpus()
+        self.memory = detect_memory(config.memory)
+        self.gpus = list(config.gpus) if config.gpus is not None else detect_gpus()
+        self.running: dict[str, Running] = {}
+        self.outbox: deque[_Report] = deque()
+        self.stats = Stats()
+        self.timers = _Timers()
+        self.stopping = False
+        self.hard_stop = False
+        self.online = True
+        self._backoff = 0.1
+        self._cancels: deque[str] = deque()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._listener: threading.Thread | None = None
+        self._closed = threading.Event()
+
+    # -- lifecycle -------------------------------------------------------
+    def request_stop(self, *, drain: bool | None = None) -> None:
+        """First call: stop claiming (and requeue running tasks unless draining).
+        Second call: stop at once, requeuing everything."""
+        if self.stopping:
+            self.hard_stop = True
+        self.stopping = True
+        if drain is not None:
+            self.config.drain = drain
+        self._poke()
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum: int, frame: FrameType | None) -> None:
+            log.warning("received %s: %s", signal.Signals(signum).name,
+                        "stopping now" if self.stopping else "stopping")
+            self.request_stop()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def register(self) -> None:
+        """Take our name; a defaulted name moves to ``host-2``, ``host-3``... if held."""
+        fields = {"host": self.host, "pid": os.getpid(), "cpus": self.cpus,
+                  "mem": self.memory, "gpus": ",".join(map(str, self.gpus))}
+        base = self.name
+        for index in range(1, 1000):
+            try:
+                n = self.store.register_worker(
+                    self.name, self.instance, lease_ms=self._lease_ms, info=self._info(),
+                    fields=fields)
+                if n:
+                    log.info("requeued %d tasks of a previous %s", n, self.name)
+                return
+            except NameTakenError:
+                if self.config.name is not None:
+                    raise
+                self.name = f"{base}-{index + 1}"
+        raise NameTakenError(f"no free worker name based on {base}")  # pragma: no cover
+
+    def run(self) -> Stats:
+        self.register()
+        self._start_listener()
+        try:
+            self._loop()
+        finally:
+            self._shutdown()
+        return self.stats
+
+    # -- the loop --------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            self._collect_finished()
+            self._enforce_limits()
+            self._flush_outbox()
+            now = time.monotonic()
+            if now >= self.timers.heartbeat:
+                self._heartbeat()
+            if now >= self.timers.reap:
+                self._reap()
+            if self.stopping:
+                self._stop_running_tasks()
+                if not self.running and (not self.outbox or not self.online):
+                    return
+            elif self._reached_max_tasks():
+                self.stopping = True
+                continue
+            else:
+                started = self._claim_and_start()
+                if started:
+                    continue
+                if not self.running and self._should_exit():
+                    return
+            self._wait()
+
+    def _collect_finished(self) -> None:
+        for tid, item in list(self.running.items()):
+            outcome = item.proc.poll()
+            if outcome is None:
+                continue
+            del self.running[tid]
+            self._selector_forget(item)
+            if item.abandoned:
+                continue
+            self.outbox.append(self._report_for(item, outcome))
+
+    def _enforce_limits(self) -> None:
+        now = time.monotonic()
+        for item in self.running.values():
+            proc = item.proc
+            if proc.deadline is not None and now >= proc.deadline and not proc.kill_sent_at:
+                proc.terminate(f"timed out after {item.claim.spec.timeout:g}s")
+            proc.escalate(self.config.kill_grace)
+        while self._cancels:
+            tid = self._cancels.popleft()
+            if tid in self.running:
+                self.running[tid].abandoned = True
+                self.running[tid].proc.terminate("cancelled")
+        if now >= self.timers.sample:
+            self.timers.sample = now + self.config.sample_interval
+            for item in self.running.values():
+                item.proc.sample_rss()
+
+    def _flush_outbox(self) -> None:
+        while self.outbox and self._redis_ok():
+            report = self.outbox[0]
+            try:
+                self._send(report)
+            except _REDIS_ERRORS as exc:
+                self._went_offline(exc)
+                return
+            self.outbox.popleft()
+
+    def _heartbeat(self) -> None:
+        self.timers.heartbeat = time.monotonic() + self.config.heartbeat
+        if not self._redis_ok():
+            return
+        leases = [(tid, r.claim.token) for tid, r in self.running.items() if not r.abandoned]
+        try:
+            lost = self.store.renew(self.name, self.instance, leases,
+                                    lease_ms=self._lease_ms, info=self._info())
+        except NotOwnerError:
+            log.error("worker name %s was taken over by another process; stopping", self.name)
+            for item in self.running.values():
+                item.abandoned = True
+            self.request_stop()
+            self.hard_stop = True
+            return
+        except _REDIS_ERRORS as exc:
+            self._went_offline(exc)
+            return
+        self._came_online()
+        for tid in lost:
+            held = self.running.get(tid)
+            if held is not None and not held.abandoned:
+                log.warning("task %s is no longer ours (cancelled or taken over); stopping it", tid)
+                held.abandoned = True
+                held.proc.terminate("lease lost")
+
+    def _reap(self) -> None:
+        self.timers.reap = time.monotonic() + self.config.heartbeat
+        if not self._redis_ok():
+            return
+        try:
+            n = self.store.reap(lock_ms=int(self.config.heartbeat * 1000))
+        except _REDIS_ERRORS as exc:
+            self._went_offline(exc)
+            return
+        if n > 0:
+            log.info("requeued %d tasks whose lease expired", n)
+
+    def _claim_and_start(self) -> int:
+        free_mem, free_cpus, free_gpus = self._free()
+        room = self.config.max_running - len(self.running)
+        if self.config.max_tasks is not None:
+            room = min(room, self.config.max_tasks - self.stats.started)
+        if room <= 0 or not self._redis_ok():
+            return 0
+        try:
+            claims = self.store.claim(
+                self.name, self.instance, free_mem=free_mem, free_cpus=free_cpus,
+                free_gpus=len(free_gpus), max_count=min(room, 64), lease_ms=self._lease_ms)
+        except NotOwnerError:
+            log.error("worker name %s was taken over by another process; stopping", self.name)
+            self.request_stop()
+            self.hard_stop = True
+            return 0
+        except _REDIS_ERRORS as exc:
+            self._went_offline(exc)
+            return 0
+        self._came_online()
+        for claim in claims:
+            self._start(claim, free_gpus)
+        return len(claims)
+
+    def _start(self, claim: Claim, free_gpus: list[int]) -> None:
+        gpus = [free_gpus.pop(0) for _ in range(min(claim.spec.gpus, len(free_gpus)))]
+        self.stats.started += 1
+        try:
+            proc = runner.start(claim.spec, claim.task_id, claim.attempt, self.config.log_dir,
+                                gpus=gpus)
+        except runner.LaunchError as exc:
+            self.outbox.append(_Report("fail", claim.task_id, claim.token,
+                                       {"host": self.host}, reason=str(exc)))
+            return
+        item = Running(claim, proc, gpus)
+        self.running[claim.task_id] = item
+        self._selector_watch(item)
+
+    def _wait(self) -> None:
+        now = time.monotonic()
+        due = [self.timers.heartbeat, self.timers.reap]
+        if self.running:
+            due.append(self.timers.sample)
+            due += [r.proc.deadline for r in self.running.values() if r.proc.deadline]
+            due += [r.proc.kill_sent_at + self.config.kill_grace
+                    for r in self.running.values() if r.proc.kill_sent_at]
+            if not _HAVE_PIDFD:
+                due.append(now + 0.02)
+        else:
+            due.append(now + 2.0)  # belt and braces if a wake message was missed
+        if self.outbox:
+            due.append(max(self.timers.offline_until, now + 0.05))
+        timeout = max(0.0, min(due) - now)
+        for key, _ in self._selector.select(timeout):
+            if key.fileobj == self._wake_r:
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(self._wake_r, 4096):
+                        pass
+
+    # -- stopping --------------------------------------------------------
+    def _stop_running_tasks(self) -> None:
+        if self.config.drain and not self.hard_stop:
+            return
+        for item in self.running.values():
+            if not item.requeue_reason and not item.abandoned:
+                item.requeue_reason = f"worker {self.name} stopped"
+            if self.hard_stop:
+                item.proc.kill_now("worker stopping")
+            else:
+                item.proc.terminate("worker stopping")
+
+    def _shutdown(self) -> None:
+        for item in self.running.values():
+            item.proc.kill_now("worker stopping")
+        self._closed.set()
+        self._poke()
+        with contextlib.suppress(*_REDIS_ERRORS):
+            self._collect_finished()
+            self._flush_outbox()
+            self.store.deregister_worker(self.name, self.instance)
+        self._selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    # -- reports ---------------------------------------------------------
+    def _report_for(self, item: Running, outcome: runner.Outcome) -> _Report:
+        out_tail, err_tail = item.proc.tails(self.config.tail_bytes)
+        result: dict[str, Any] = {
+            "exit_code": "" if outcome.exit_code is None else outcome.exit_code,
+            "signal": "" if outcome.signal is None else signal.Signals(outcome.signal).name
+            if outcome.signal in signal.valid_signals() else outcome.signal,
+            "wall": f"{outcome.wall:.3f}",
+            "peak_rss": outcome.peak_rss,
+            "host": self.host,
+            "out_tail": out_tail,
+            "err_tail": err_tail,
+            "out_path": str(item.proc.out_path.resolve()),
+            "err_path": str(item.proc.err_path.resolve()),
+            "started_wall": f"{item.proc.started_wall:.3f}",
+        }
+        tid, token = item.claim.task_id, item.claim.token
+        if item.requeue_reason:
+            return _Report("requeue", tid, token, result, reason=item.requeue_reason)
+        if outcome.ok:
+            return _Report("complete", tid, token, result)
+        if outcome.reason:
+            reason = outcome.reason
+        elif outcome.signal is not None:
+            reason = f"killed by signal {result['signal']}"
+        else:
+            reason = f"exit code {outcome.exit_code}"
+        return _Report("fail", tid, token, result, reason=reason)
+
+    def _send(self, report: _Report) -> None:
+        if report.kind == "complete":
+            applied = self.store.complete(report.task_id, report.token, report.result)
+            if applied:
+                self.stats.succeeded += 1
+            else:
+                self.stats.stale += 1
+        elif report.kind == "fail":
+            status = self.store.fail(report.task_id, report.token, report.reason, report.result)
+            if status == "stale":
+                self.stats.stale += 1
+            elif status == "failed":
+                self.stats.failed += 1
+            else:
+                self.stats.requeued += 1
+        else:
+            if self.store.requeue(report.task_id, report.token, report.reason,
+                                  counter="releases"):
+                self.stats.requeued += 1
+            else:
+                self.stats.stale += 1
+
+    # -- resources -------------------------------------------------------
+    def _free(self) -> tuple[int, int, list[int]]:
+        used_mem = sum(r.claim.spec.mem for r in self.running.values())
+        used_cpus = sum(r.claim.spec.cpus for r in self.running.values())
+        used_gpus = {g for r in self.running.values() for g in r.gpus}
+        return (self.memory - used_mem, self.cpus - used_cpus,
+                [g for g in self.gpus if g not in used_gpus])
+
+    def _info(self) -> dict[str, Any]:
+        free_mem, free_cpus, _free_gpus = self._free()
+        rss = sum(r.proc.peak_rss for r in self.running.values())
+        return {"host": self.host, "pid": os.getpid(), "cpus": self.cpus, "mem": self.memory,
+                "gpus": len(self.gpus), "used_cpus": self.cpus - free_cpus,
+                "used_mem": self.memory - free_mem, "rss": rss,
+                "running": len(self.running), "done": self.stats.succeeded + self.stats.failed}
+
+    @property
+    def _lease_ms(self) -> int:
+        return int(self.config.lease * 1000)
+
+    def _reached_max_tasks(self) -> bool:
+        limit = self.config.max_tasks
+        return limit is not None and self.stats.started >= limit and not self.running
+
+    def _should_exit(self) -> bool:
+        check = self.config.exit_when
+        if check is None or self.outbox or not self._redis_ok():
+            return False
+        try:
+            return check()
+        except _REDIS_ERRORS as exc:
+            self._went_offline(exc)
+            return False
+
+    # -- Redis availability ----------------------------------------------
+    def _redis_ok(self) -> bool:
+        return self.online or time.monotonic() >= self.timers.offline_until
+
+    def _went_offline(self, exc: BaseException) -> None:
+        if self.online:
+            log.warning("lost Redis (%s); tasks keep running, retrying with backoff", exc)
+        self.online = False
+        self.timers.offline_until = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, 5.0)
+
+    def _came_online(self) -> None:
+        if not self.online:
+            log.warning("Redis is back; renewing leases")
+            self.online = True
+            self.timers.heartbeat = 0.0  # renew at once
+        self._backoff = 0.1
+
+    # -- wake-ups --------------------------------------------------------
+    def _poke(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
+    def _selector_watch(self, item: Running) -> None:
+        if _HAVE_PIDFD:
+            try:
+                fd = os.pidfd_open(item.proc.pid)
+            except OSError:
+                return
+            self._selector.register(fd, selectors.EVENT_READ, item.claim.task_id)
+            item.proc.pidfd = fd
+
+    def _selector_forget(self, item: Running) -> None:
+        fd = item.proc.pidfd
+        if fd is not None:
+            item.proc.pidfd = None
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(fd)
+            os.close(fd)
+
+    def _start_listener(self) -> None:
+        self._listener = threading.Thread(target=self._listen, name="distcomp-listen",
+                                          daemon=True)
+        self._listener.start()
+
+    def _listen(self) -> None:
+        """Forward pub/sub wake and cancel messages into the loop's wake pipe."""
+        backoff = 0.1
+        while not self._closed.is_set():
+            pubsub = self.store.redis.pubsub(  # type: ignore[no-untyped-call]
+                ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(self.store.wake_channel, self.store.control_channel)
+                self._poke()  # we may have missed messages while (re)connecting
+                backoff = 0.1
+                while not self._closed.is_set():
+                    message = pubsub.get_message(timeout=1.0)
+                    if message is None:
+                        continue
+                    if message["channel"] == self.store.control_channel:
+                        parts = str(message["data"]).split()
+                        if len(parts) == 3 and parts[0] == "cancel" and parts[1] == self.name:
+                            self._cancels.append(parts[2])
+                    self._poke()
+            except _REDIS_ERRORS:
+                self._closed.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    pubsub.close()
+
+
+_HAVE_PIDFD = hasattr(os, "pidfd_open")
+if _HAVE_PIDFD:
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:  # pragma: no cover - kernel older than 5.3
+        _HAVE_PIDFD = False
+

@@ -1,0 +1,219 @@
+"""The worker running real processes against a real redis-server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import WorkerThread, wait_for
+
+from distcomp.spec import GIB, MIB, TaskSpec
+from distcomp.store import Store
+
+StartWorker = Callable[..., WorkerThread]
+
+
+def spans(path: Path) -> list[tuple[str, float, float]]:
+    """Read `name start end` lines written by tasks."""
+    out = []
+    for line in path.read_text().splitlines():
+        name, start, end = line.split()
+        out.append((name, float(start), float(end)))
+    return out
+
+
+def overlap(a: tuple[str, float, float], b: tuple[str, float, float]) -> bool:
+    return a[1] < b[2] and b[1] < a[2]
+
+
+def timed(name: str, seconds: float, out: Path) -> str:
+    return (f"s=$(date +%s.%N); sleep {seconds}; "
+            f"echo {name} $s $(date +%s.%N) >> {out}")
+
+
+def test_runs_tasks_with_environment_and_logs(store: Store, start_worker: StartWorker) -> None:
+    store.submit([TaskSpec(cmd='echo "$DISTCOMP_TASK_ID $DISTCOMP_JOB_ID $DISTCOMP_ATTEMPT '
+                               '$DISTCOMP_CPUS $OMP_NUM_THREADS $MYVAR"; echo oops >&2',
+                           cpus=2, env=(("MYVAR", "hello"),))])
+    w = start_worker(cpus=2, max_tasks=1)
+    stats = w.join()
+    assert stats.succeeded == 1
+    task = store.task("1.1")
+    assert task is not None and task["state"] == "succeeded" and task["exit_code"] == "0"
+    assert task["out_tail"] == "1.1 1 1 2 2 hello\n" and task["err_tail"] == "oops\n"
+    assert Path(task["out_path"]).read_text() == "1.1 1 1 2 2 hello\n"
+    assert task["host"] and float(task["wall"]) >= 0
+
+
+def test_failures_record_exit_code_and_signal(store: Store, start_worker: StartWorker,
+                                              tmp_path: Path) -> None:
+    store.submit([TaskSpec(cmd="exit 7"), TaskSpec(cmd="kill -9 $$"),
+                  TaskSpec(cmd="true", cwd=str(tmp_path / "missing"))])
+    start_worker(max_tasks=3).join()
+    t1, t2, t3 = (store.task(f"1.{i}") for i in (1, 2, 3))
+    assert t1 and t1["state"] == "failed" and t1["reason"] == "exit code 7"
+    assert t2 and t2["state"] == "failed" and t2["reason"] == "killed by signal SIGKILL"
+    assert t3 and t3["state"] == "failed" and "does not exist" in t3["reason"]
+
+
+def test_priorities_are_honoured(store: Store, start_worker: StartWorker, tmp_path: Path
+                                 ) -> None:
+    out = tmp_path / "order"
+    store.submit([TaskSpec(cmd=f"echo {p} >> {out}", priority=p) for p in (1, 5, 3, 9, 2)])
+    start_worker(cpus=1, max_tasks=5).join()
+    assert out.read_text().split() == ["9", "5", "3", "2", "1"]
+
+
+def test_cpus_are_enforced(store: Store, start_worker: StartWorker, tmp_path: Path) -> None:
+    out = tmp_path / "spans"
+    store.submit([TaskSpec(cmd=timed(f"t{i}", 0.3, out), cpus=2) for i in range(4)])
+    start_worker(cpus=2, max_tasks=4).join()
+    rows = spans(out)
+    assert len(rows) == 4
+    assert not any(overlap(a, b) for i, a in enumerate(rows) for b in rows[i + 1:])
+
+
+def test_big_task_waits_while_small_ones_run(store: Store, start_worker: StartWorker,
+                                             tmp_path: Path) -> None:
+    out = tmp_path / "spans"
+    store.submit([TaskSpec(cmd=timed("big1", 0.6, out), mem=700 * MIB, priority=5),
+                  TaskSpec(cmd=timed("big2", 0.6, out), mem=700 * MIB, priority=5),
+                  TaskSpec(cmd=timed("small", 0.3, out), mem=100 * MIB)])
+    start_worker(cpus=4, memory=1 * GIB, max_tasks=3).join()
+    rows = {name: (name, s, e) for name, s, e in spans(out)}
+    assert not overlap(rows["big1"], rows["big2"])  # 1.4 GiB would not fit in 1 GiB
+    assert overlap(rows["big1"], rows["small"])  # the small one ran beside the first
+
+
+def test_timeout_kills_the_whole_process_group(store: Store, start_worker: StartWorker) -> None:
+    marker = f"300.{uuid.uuid4().int % 10**9:09d}"  # a sleep length no other process has
+    store.submit([TaskSpec(cmd=f"sleep {marker} & sleep {marker}; wait",
+                           timeout=0.5)])
+    start_worker(max_tasks=1, kill_grace=0.5).join()
+    task = store.task("1.1")
+    assert task is not None and task["state"] == "failed"
+    assert task["reason"] == "timed out after 0.5s"
+    wait_for(lambda: not any(marker in " ".join(p.info["cmdline"] or [])
+                             for p in psutil.process_iter(["cmdline"])), timeout=5)
+
+
+def test_sigterm_ignoring_task_is_killed_after_grace(store: Store, start_worker: StartWorker
+                                                     ) -> None:
+    store.submit([TaskSpec(cmd="trap '' TERM; sleep 30", timeout=0.3)])
+    start_worker(max_tasks=1, kill_grace=0.3).join(timeout=20)
+    task = store.task("1.1")
+    assert task is not None and task["state"] == "failed" and "timed out" in task["reason"]
+
+
+def test_binary_and_huge_output_are_capped(store: Store, start_worker: StartWorker) -> None:
+    store.submit([
+        TaskSpec(cmd=r"printf 'ok \377\376 bad bytes\n'; printf '\377' >&2"),
+        TaskSpec(cmd="head -c 100000000 /dev/zero | tr '\\0' x; echo; echo END"),
+    ])
+    start_worker(max_tasks=2, tail_bytes=4096).join()
+    binary, huge = store.task("1.1"), store.task("1.2")
+    assert binary and binary["state"] == "succeeded"
+    assert binary["out_tail"] == "ok \ufffd\ufffd bad bytes\n" and binary["err_tail"] == "\ufffd"
+    assert huge and huge["state"] == "succeeded"
+    assert huge["out_tail"].endswith("END\n") and len(huge["out_tail"]) < 4096 + 200
+    assert "earlier bytes" in huge["out_tail"]
+    assert Path(huge["out_path"]).stat().st_size == 100_000_005
+
+
+def test_cancel_kills_a_running_task(store: Store, start_worker: StartWorker) -> None:
+    store.submit([TaskSpec(cmd="sleep 60")])
+    w = start_worker()
+    wait_for(lambda: store.counts().get("running") == 1)
+    assert store.cancel(["1.1"]) == 1
+    wait_for(lambda: not w.worker.running, timeout=10)
+    task = store.task("1.1")
+    assert task is not None and task["state"] == "cancelled"
+    w.stop()
+
+
+def test_idle_worker_wakes_on_submission(store: Store, start_worker: StartWorker) -> None:
+    w = start_worker()
+    wait_for(lambda: any(x["name"] == w.worker.name for x in store.workers()))
+    time.sleep(0.3)
+    store.submit([TaskSpec(cmd="true")])
+    wait_for(lambda: store.counts().get("succeeded") == 1, timeout=1.5)
+    w.stop()
+
+
+def test_stop_requeues_running_tasks_and_drain_finishes_them(
+        store: Store, start_worker: StartWorker) -> None:
+    store.submit([TaskSpec(cmd="sleep 30"), TaskSpec(cmd="sleep 0.5")])
+    w = start_worker(cpus=1)
+    wait_for(lambda: store.counts().get("running") == 1)
+    w.stop()
+    assert store.counts()["queued"] == 2 and store.counts().get("running", 0) == 0
+    task = store.task("1.1")
+    assert task is not None and task["releases"] == "1"
+    store.cancel(["1.1"])
+    w2 = start_worker(cpus=1, drain=True)
+    wait_for(lambda: store.counts().get("running") == 1)
+    w2.stop()
+    assert store.counts()["succeeded"] == 1
+
+
+def test_worker_name_defaults_to_host_and_is_unique(store: Store, start_worker: StartWorker
+                                                   ) -> None:
+    a, b = start_worker(), start_worker()
+    wait_for(lambda: len(store.workers()) == 2)
+    assert a.worker.name != b.worker.name
+    assert {a.worker.name, b.worker.name} == {a.worker.host, f"{a.worker.host}-2"}
+
+
+def test_kill_9_worker_then_new_worker_finishes_everything(
+        store: Store, tmp_path: Path, redis_server: object) -> None:
+    """A worker process dies by SIGKILL mid-run: its leases expire, a new worker
+    finishes every task, each recorded succeeded exactly once, and a completion
+    carrying the dead attempt's token is rejected."""
+    store.submit([TaskSpec(cmd=f"sleep 0.2; echo {i}") for i in range(30)])
+    env = dict(os.environ, DISTCOMP_REDIS=store.url, DISTCOMP_QUEUE=store.queue)
+    args = [sys.executable, "-m", "distcomp", "--state-dir", str(tmp_path), "worker",
+            "--cpus", "2", "--heartbeat", "0.3s", "--lease", "1s", "--name", "victim"]
+    proc = subprocess.Popen(args, env=env, stderr=subprocess.DEVNULL)
+    wait_for(lambda: store.counts().get("succeeded", 0) >= 5)
+    running = store.running_task_ids()
+    assert running
+    stale = {tid: store.task(tid)["token"] for tid in running}  # type: ignore[index]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    args[-1] = "rescuer"
+    proc2 = subprocess.Popen(args, env=env, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: store.counts().get("succeeded", 0) == 30, timeout=60)
+    finally:
+        proc2.send_signal(signal.SIGTERM)
+        proc2.wait(20)
+    for tid, token in stale.items():
+        assert store.complete(tid, token, {"host": "zombie"}) is False
+    events = store.events(10_000)
+    finished = [e["task"] for e in events if e["type"] == "succeeded"]
+    assert sorted(finished) == sorted(f"1.{i}" for i in range(1, 31))  # once each
+    assert all(store.task(t)["host"] != "zombie" for t in stale)  # type: ignore[index]
+    assert store.counts().get("running", 0) == 0 and store.counts()["succeeded"] == 30
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_worker_process_stops_cleanly_on_signal(store: Store, tmp_path: Path,
+                                                signum: int) -> None:
+    store.submit([TaskSpec(cmd="sleep 60")])
+    env = dict(os.environ, DISTCOMP_REDIS=store.url, DISTCOMP_QUEUE=store.queue)
+    proc = subprocess.Popen([sys.executable, "-m", "distcomp", "--state-dir", str(tmp_path),
+                             "worker"], env=env, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: store.counts().get("running") == 1)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert store.counts()["queued"] == 1 and store.counts().get("running", 0) == 0
+    assert "1 requeued" in err
