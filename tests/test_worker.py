@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import WorkerThread, wait_for
+from conftest import RedisProcess, WorkerThread, wait_for
 
 from distcomp.spec import GIB, MIB, TaskSpec
 from distcomp.store import Store
@@ -217,3 +217,46 @@ def test_worker_process_stops_cleanly_on_signal(store: Store, tmp_path: Path,
     assert proc.returncode == 0, err
     assert store.counts()["queued"] == 1 and store.counts().get("running", 0) == 0
     assert "1 requeued" in err
+
+
+def test_gpus_are_assigned_exclusively(store: Store, start_worker: StartWorker,
+                                       tmp_path: Path) -> None:
+    out = tmp_path / "gpus"
+    store.submit([TaskSpec(cmd=f"s=$(date +%s.%N); sleep 0.3; "
+                               f"echo $CUDA_VISIBLE_DEVICES $s $(date +%s.%N) >> {out}",
+                           gpus=1, name=f"g{i}") for i in range(6)]
+                 + [TaskSpec(cmd=f"echo none:$CUDA_VISIBLE_DEVICES >> {out}")])
+    start_worker(cpus=8, gpus=[0, 2, 3], max_tasks=7).join()
+    lines = out.read_text().splitlines()
+    assert "none:" in lines  # a task without GPUs sees none
+    rows = [tuple(line.split()) for line in lines if not line.startswith("none")]
+    assert len(rows) == 6 and {r[0] for r in rows} == {"0", "2", "3"}
+    for i, a in enumerate(rows):
+        for b in rows[i + 1:]:
+            if a[0] == b[0]:
+                assert not overlap((a[0], float(a[1]), float(a[2])),
+                                   (b[0], float(b[1]), float(b[2])))
+
+
+def test_worker_rides_out_a_redis_restart(tmp_path: Path) -> None:
+    """kill -9 of Redis mid-run: the worker keeps its tasks running, reconnects with
+    backoff when the server is back (from its AOF), and every task is recorded once."""
+    server = RedisProcess(tmp_path / "r", aof=True)
+    server.directory.mkdir()
+    server.start()
+    try:
+        store = Store(server.url, "outage")
+        store.submit([TaskSpec(cmd=f"sleep 0.8; echo {i}") for i in range(6)])
+        w = WorkerThread(store, cpus=2, log_dir=tmp_path / "logs", heartbeat=0.3,
+                         lease=3.0).start()
+        wait_for(lambda: store.counts().get("running") == 2)
+        time.sleep(0.2)
+        server.kill9()
+        time.sleep(1.5)  # tasks finish while Redis is down; reports wait in the outbox
+        server.start()
+        wait_for(lambda: store.counts().get("succeeded") == 6, timeout=60)
+        w.stop()
+        assert store.counts().get("stale_reports", 0) == 0
+        assert store.counts().get("running", 0) == 0
+    finally:
+        server.stop()
