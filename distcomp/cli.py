@@ -129,6 +129,7 @@ _TASK_FLAGS: list[Callable[[F], F]] = [
     click.option("--gpus", type=int, help="GPUs needed (default 0)."),
     click.option("--timeout", help="Kill after this long, e.g. 90s, 2h."),
     click.option("--retries", type=int, help="Times to retry a failure (default: queue's)."),
+    click.option("--retry-delay", help="Wait before a retry, doubling each time (e.g. 30s)."),
     click.option("--env", "env", multiple=True, metavar="K=V", help="Environment variable."),
     click.option("--cwd", help="Working directory on the worker."),
     click.option("--tag", "tags", multiple=True, help="Tag (repeatable)."),
@@ -201,7 +202,8 @@ def _quote(words: Sequence[str]) -> list[str]:
 
 def _flag_fields(flags: dict[str, Any], cmd: str) -> dict[str, Any]:
     fields: dict[str, Any] = {"cmd": cmd}
-    for key in ("name", "priority", "mem", "cpus", "gpus", "timeout", "retries", "cwd"):
+    for key in ("name", "priority", "mem", "cpus", "gpus", "timeout", "retries", "retry_delay",
+                "cwd"):
         if flags.get(key) is not None:
             fields[key] = flags[key]
     if flags.get("env"):
@@ -252,6 +254,7 @@ def _worker_config(ctx: Ctx, name: str | None, cpus: int | None, memory: str | N
         gpus=parse_gpu_list(gpus) if gpus is not None else None,
         max_tasks=max_tasks,
         log_dir=Path(log_dir) if log_dir else state_dir_path(ctx.state_dir) / "logs",
+        state_dir=state_dir_path(ctx.state_dir),
         heartbeat=hb,
         lease=lease_s,
     )
@@ -260,12 +263,16 @@ def _worker_config(ctx: Ctx, name: str | None, cpus: int | None, memory: str | N
 @main.command()
 @_worker_options
 @click.option("--drain", is_flag=True, help="On SIGTERM, finish running tasks before exiting.")
+@click.option("--self-fence", is_flag=True,
+              help="Stop running tasks when cut off from Redis for about a lease "
+                   "(they are rerun elsewhere); default: keep them running.")
 @pass_ctx
-def worker(ctx: Ctx, /, drain: bool, **options: Any) -> None:
+def worker(ctx: Ctx, /, drain: bool, self_fence: bool, **options: Any) -> None:
     """Run tasks from the queue until stopped (SIGTERM/Ctrl-C; twice to stop at once)."""
     with friendly_errors():
         config = _worker_config(ctx, **options)
         config.drain = drain
+        config.self_fence = self_fence
         node = Worker(ctx.client.store, config)
         node.install_signal_handlers()
         err_console.print(f"worker {node.name}: {node.cpus} cpus, "
@@ -509,13 +516,16 @@ def workers(ctx: Ctx, prune: bool, as_json: bool) -> None:
 @click.argument("ids", nargs=-1)
 @click.option("--all", "all_failed", is_flag=True, help="Every failed task in the queue.")
 @click.option("--cancelled", is_flag=True, help="Also requeue cancelled tasks.")
+@click.option("--reason", metavar="TEXT",
+              help="Only tasks whose failure reason contains TEXT (e.g. 'timed out').")
 @pass_ctx
-def retry(ctx: Ctx, ids: tuple[str, ...], all_failed: bool, cancelled: bool) -> None:
+def retry(ctx: Ctx, ids: tuple[str, ...], all_failed: bool, cancelled: bool,
+          reason: str | None) -> None:
     """Requeue failed tasks of the given jobs or tasks (or --all)."""
     if not ids and not all_failed:
         fail("name jobs or tasks to retry, or pass --all", EXIT_BAD_INPUT)
     with friendly_errors():
-        n = ctx.client.retry(ids, include_cancelled=cancelled)
+        n = ctx.client.retry(ids, include_cancelled=cancelled, reason=reason)
     console.print(f"{n} tasks requeued")
 
 

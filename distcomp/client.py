@@ -186,8 +186,10 @@ class Client:
     def cancel(self, ids: Sequence[str]) -> int:
         return self.store.cancel(self.expand_ids(ids))
 
-    def retry(self, ids: Sequence[str] = (), *, include_cancelled: bool = False) -> int:
-        """Requeue failed (and optionally cancelled) tasks of the given jobs/tasks, or all."""
+    def retry(self, ids: Sequence[str] = (), *, include_cancelled: bool = False,
+              reason: str | None = None) -> int:
+        """Requeue failed (and optionally cancelled) tasks of the given jobs/tasks, or all;
+        ``reason`` keeps only those whose reason contains that text."""
         if ids:
             candidates = self.expand_ids(ids)
         else:
@@ -195,8 +197,9 @@ class Client:
             if include_cancelled:
                 candidates += list(self.store.iter_task_ids())
         wanted = {"failed", "cancelled"} if include_cancelled else {"failed"}
-        rows = self.store.tasks(candidates, fields=["state"])
-        chosen = [r["id"] for r in rows if r.get("state") in wanted]
+        rows = self.store.tasks(candidates, fields=["state", "reason"])
+        chosen = [r["id"] for r in rows if r.get("state") in wanted
+                  and (reason is None or reason in r.get("reason", ""))]
         return self.store.retry(chosen)
 
     def close(self) -> None:

@@ -4,6 +4,12 @@ Knows nothing about Redis. The worker asks it to start a task, to tell whether
 it ended (``poll``), to sample its memory, and to kill it; it answers with plain
 values. Each task runs as ``/bin/sh -c CMD`` in a new session, so killing its
 process group takes every child it forked with it.
+
+A task must be able to outlive its worker (a restarted worker re-adopts it), so
+its exit status cannot depend on the worker's ``wait``: a two-line shell
+wrapper, the group leader, runs the command and writes its exit status to a
+status file before exiting with the same status. A re-adopted task is not our
+child; it is watched by pid and start time and its status read from that file.
 """
 
 from __future__ import annotations
@@ -24,6 +30,10 @@ from .spec import TaskSpec
 #: Bytes of stdout/stderr kept in the task record; the full logs stay in files.
 DEFAULT_TAIL_BYTES = 8192
 
+#: $1 = the command, $2 = the status file. The command's status is written with a
+#: trailing newline, so a reader can tell a complete status from a torn write.
+_WRAPPER = '/bin/sh -c "$1"; rc=$?; echo "$rc" > "$2"; exit "$rc"'
+
 
 @dataclass
 class Outcome:
@@ -40,17 +50,44 @@ class Outcome:
         return self.exit_code == 0 and not self.reason
 
 
+def _outcome_from_status(code: int, wall: float, peak: int, reason: str) -> Outcome:
+    """A shell reports a command killed by signal N as status 128+N."""
+    if code < 0:
+        return Outcome(None, -code, wall, peak, reason)
+    if 128 < code <= 128 + 64:
+        return Outcome(None, code - 128, wall, peak, reason)
+    return Outcome(code, None, wall, peak, reason)
+
+
+def read_status(path: Path) -> int | None:
+    """The exit status the wrapper wrote, or None if it has not (completely)."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    if not text.endswith("\n"):
+        return None
+    try:
+        return int(text.strip())
+    except ValueError:
+        return None
+
+
 @dataclass
 class TaskProcess:
     """A started task: its process, where its output goes, and what it used."""
 
     task_id: str
-    popen: subprocess.Popen[bytes]
+    pid: int
+    pid_start: float
     out_path: Path
     err_path: Path
+    status_path: Path
     started: float
     started_wall: float
     deadline: float | None
+    #: The Popen of a task we started; None for a re-adopted one (not our child).
+    popen: subprocess.Popen[bytes] | None = None
     peak_rss: int = 0
     parent_maxrss_kb: int = 0
     kill_reason: str = ""
@@ -59,12 +96,16 @@ class TaskProcess:
     pidfd: int | None = None
     _psutil: psutil.Process | None = field(default=None, repr=False)
 
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
     def poll(self) -> Outcome | None:
         """Reap the process if it ended (non-blocking); also sweeps its group."""
+        code = self._poll_child() if self.popen is not None else self._poll_adopted()
+        if code is None:
+            return None
+        wall = time.monotonic() - self.started
+        return _outcome_from_status(code, wall, self.peak_rss, self.kill_reason)
+
+    def _poll_child(self) -> int | None:
+        assert self.popen is not None
         if self.popen.returncode is None:
             try:
                 pid, status, rusage = os.wait4(self.pid, os.WNOHANG)
@@ -79,11 +120,18 @@ class TaskProcess:
                 self.peak_rss = max(self.peak_rss, rusage.ru_maxrss * 1024)
             # The shell is gone; anything it left behind in its group goes too.
             _signal_group(self.pid, signal.SIGKILL)
-        code = self.popen.returncode
-        wall = time.monotonic() - self.started
-        if code < 0:
-            return Outcome(None, -code, wall, self.peak_rss, self.kill_reason)
-        return Outcome(code, None, wall, self.peak_rss, self.kill_reason)
+        return self.popen.returncode
+
+    def _poll_adopted(self) -> int | None:
+        if is_same_process(self.pid, self.pid_start):
+            return None
+        _signal_group(self.pid, signal.SIGKILL)
+        status = read_status(self.status_path)
+        if status is not None:
+            return status
+        # Gone without a status: the wrapper itself was killed.
+        self.kill_reason = self.kill_reason or "killed while its worker was away"
+        return -signal.SIGKILL
 
     def sample_rss(self) -> int:
         """Sum of RSS over the process tree now; updates the peak."""
@@ -118,6 +166,29 @@ class TaskProcess:
 
     def tails(self, limit: int = DEFAULT_TAIL_BYTES) -> tuple[str, str]:
         return read_tail(self.out_path, limit), read_tail(self.err_path, limit)
+
+
+def is_same_process(pid: int, start: float) -> bool:
+    """True if ``pid`` is alive and started at ``start`` (so a reused pid is not it)."""
+    try:
+        proc = psutil.Process(pid)
+        return proc.status() != psutil.STATUS_ZOMBIE and abs(proc.create_time() - start) < 0.05
+    except psutil.Error:
+        return False
+
+
+def adopt(task_id: str, pid: int, pid_start: float, out_path: Path, err_path: Path,
+          status_path: Path, started_wall: float, timeout: float | None) -> TaskProcess | None:
+    """Take over a task started by a previous worker process, if it is still running
+    or left its exit status; None if it is truly gone."""
+    if not is_same_process(pid, pid_start) and read_status(status_path) is None:
+        return None
+    elapsed = max(0.0, time.time() - started_wall)
+    now = time.monotonic()
+    return TaskProcess(task_id=task_id, pid=pid, pid_start=pid_start, out_path=out_path,
+                       err_path=err_path, status_path=status_path, started=now - elapsed,
+                       started_wall=started_wall,
+                       deadline=now - elapsed + timeout if timeout else None)
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -169,6 +240,7 @@ def start(spec: TaskSpec, task_id: str, attempt: int, log_dir: Path, *,
     task_dir = log_dir / job_id
     out_path = task_dir / f"{task_id}.{attempt}.out"
     err_path = task_dir / f"{task_id}.{attempt}.err"
+    status_path = task_dir / f"{task_id}.{attempt}.status"
     try:
         task_dir.mkdir(parents=True, exist_ok=True)
         out_file = open(out_path, "wb")  # noqa: SIM115 - handed to the child
@@ -178,7 +250,7 @@ def start(spec: TaskSpec, task_id: str, attempt: int, log_dir: Path, *,
     cwd = os.path.expanduser(spec.cwd) if spec.cwd else None
     try:
         popen = subprocess.Popen(
-            ["/bin/sh", "-c", spec.cmd],
+            ["/bin/sh", "-c", _WRAPPER, "distcomp-task", spec.cmd, str(status_path)],
             stdin=subprocess.DEVNULL,
             stdout=out_file,
             stderr=err_file,
@@ -197,11 +269,18 @@ def start(spec: TaskSpec, task_id: str, attempt: int, log_dir: Path, *,
         out_file.close()
         err_file.close()
     now = time.monotonic()
+    try:
+        pid_start = psutil.Process(popen.pid).create_time()
+    except psutil.Error:
+        pid_start = 0.0  # already gone; poll() will reap it
     return TaskProcess(
         task_id=task_id,
+        pid=popen.pid,
+        pid_start=pid_start,
         popen=popen,
         out_path=out_path,
         err_path=err_path,
+        status_path=status_path,
         started=now,
         started_wall=time.time(),
         deadline=now + spec.timeout if spec.timeout else None,

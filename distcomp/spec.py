@@ -162,6 +162,8 @@ class TaskSpec:
     gpus: int = 0
     timeout: float | None = None
     retries: int | None = None
+    #: Wait before a retry; doubles with each failure (exponential backoff).
+    retry_delay: float | None = None
     env: tuple[tuple[str, str], ...] = ()
     cwd: str | None = None
     tags: tuple[str, ...] = ()
@@ -187,6 +189,9 @@ class TaskSpec:
             raise FieldError("timeout", f"must be positive, got {self.timeout!r}")
         if self.retries is not None:
             check_int(self.retries, "retries", 0, 1000)
+        if self.retry_delay is not None and not 0 <= self.retry_delay <= 86400:
+            raise FieldError("retry_delay",
+                             f"must be between 0 and 1 day, got {self.retry_delay!r}")
         for key, val in self.env:
             if not key or "=" in key or "\x00" in key or "\x00" in val:
                 raise FieldError("env", f"invalid environment variable {key!r}")
@@ -214,6 +219,8 @@ class TaskSpec:
             out["timeout"] = self.timeout
         if self.retries is not None:
             out["retries"] = self.retries
+        if self.retry_delay is not None:
+            out["retry_delay"] = self.retry_delay
         if self.env:
             out["env"] = dict(self.env)
         if self.cwd is not None:
@@ -239,6 +246,7 @@ class TaskSpec:
             gpus=data.get("gpus", 0),
             timeout=data.get("timeout"),
             retries=data.get("retries"),
+            retry_delay=data.get("retry_delay"),
             env=tuple(sorted(data.get("env", {}).items())),
             cwd=data.get("cwd"),
             tags=tuple(data.get("tags", ())),

@@ -17,6 +17,7 @@ so every key of one queue lives in one slot and queues spread over a cluster):
 ``P shapes``                   set of non-empty ready shapes (``m<MiB>:c<cpus>:g<gpus>``)
 ``P running``                  zset of running task ids by lease deadline (for reap)
 ``P failed``                   zset of failed task ids by finish time (for retry)
+``P delayed``                  zset of queued retries by the time their delay ends
 ``P counts``                   hash: queue-wide per-state counters, stale_reports
 ``P dedup``                    hash: spec dedup key -> task id
 ``P workers``                  zset of worker names by last heartbeat
@@ -25,6 +26,7 @@ so every key of one queue lives in one slot and queues spread over a cluster):
 ``P events``                   capped stream of transitions
 ``P wake`` / ``P control``     pub/sub channels: new work / cancel requests
 ``P lock:reap``                short lock so concurrent reapers do not repeat work
+``P server``                   run_id of the Redis process last seen, and when (restart grace)
 ``P config``                   hash: queue settings (default_retries, ...)
 =============================  ==========================================================
 """
@@ -34,6 +36,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import secrets
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -173,6 +176,7 @@ class Store:
         self.prefix = f"dc:{{{queue}}}:"
         self.redis = _connect(url)
         self._scripts = _load_scripts(self.redis)
+        self._server_started: int | None = None
 
     # -- keys ------------------------------------------------------------
     def key(self, *parts: str) -> str:
@@ -241,7 +245,8 @@ class Store:
         if max_count <= 0:
             return []
         out = self._run(
-            "claim", [worker, instance, free_mem, free_cpus, free_gpus, max_count, lease_ms]
+            "claim", [worker, instance, free_mem, free_cpus, free_gpus, max_count, lease_ms,
+                      secrets.token_hex(4)]
         )
         return [
             Claim(out[i], out[i + 1], int(out[i + 2]), TaskSpec.from_json(out[i + 3]))
@@ -263,11 +268,13 @@ class Store:
 
     def fail(
         self, task_id: str, token: str, reason: str, result: dict[str, Any], *,
-        retryable: bool = True,
+        retryable: bool = True, retry_delay: float = 0.0,
     ) -> str:
-        """Returns "retry", "failed" or "stale"."""
+        """Returns "retry", "failed" or "stale". A retry waits ``retry_delay`` seconds,
+        doubled for every earlier failure of the task."""
         code = int(self._run(
-            "fail", [task_id, token, reason, "1" if retryable else "0", *_flatten(result)]
+            "fail", [task_id, token, reason, "1" if retryable else "0",
+                     int(retry_delay * 1000), *_flatten(result)]
         ))
         return {2: "retry", 1: "failed", 0: "stale"}[code]
 
@@ -287,11 +294,13 @@ class Store:
 
     def register_worker(
         self, worker: str, instance: str, *, lease_ms: int, info: dict[str, Any],
-        fields: dict[str, Any],
-    ) -> int:
-        out = self._run("register", [worker, instance, lease_ms, json.dumps(info),
+        fields: dict[str, Any], takeover: str = "",
+    ) -> dict[str, str]:
+        """Take the name; returns the leases a previous owner of the name still holds
+        (task id -> token), for the new owner to re-adopt or give back."""
+        out = self._run("register", [worker, instance, lease_ms, json.dumps(info), takeover,
                                      *_flatten(fields)])
-        return int(out[1])
+        return dict(zip(out[1::2], out[2::2], strict=True))
 
     def deregister_worker(self, worker: str, instance: str) -> int:
         return int(self._run("deregister", [worker, instance]))
@@ -394,6 +403,9 @@ class Store:
             row["heartbeat_age_s"] = (now_ms - _as_int(raw.get("heartbeat"))) / 1000
             out.append(row)
         return out
+
+    def worker_record(self, name: str) -> dict[str, str]:
+        return cast(dict[str, str], self.redis.hgetall(self.key("worker", name)))
 
     def forget_worker(self, name: str) -> None:
         self.redis.zrem(self.key("workers"), name)

@@ -85,6 +85,7 @@ _HINTS: dict[str, str] = {
     "gpus": "write a whole number of GPUs from 0 to 1024",
     "timeout": "write seconds (90) or a duration (90s, 5m, 2h), or leave it out for none",
     "retries": "write a whole number from 0 to 1000, or leave it out",
+    "retry_delay": "write seconds (30) or a duration (30s, 5m); it doubles with each failure",
     "env": 'write a table of names to strings, e.g. {"OMP_NUM_THREADS": "4"}',
     "cwd": "write a directory path, or leave it out",
     "tags": 'write a list of strings, e.g. ["sweep", "gpu"]',
@@ -210,6 +211,13 @@ def _field_timeout(value: Any) -> float:
     return seconds
 
 
+def _field_retry_delay(value: Any) -> float:
+    seconds = _guard("retry_delay", lambda: parse_duration(value, "retry_delay"))
+    if not 0 <= seconds <= 86400:
+        raise FieldError("retry_delay", f"must be between 0 and 1 day, got {value!r}")
+    return seconds
+
+
 def _field_int(field_name: str, low: int, high: int) -> Callable[[Any], int]:
     return lambda value: _guard(field_name, lambda: check_int(value, field_name, low, high))
 
@@ -272,6 +280,7 @@ _FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "gpus": ("gpus", _field_int("gpus", 0, 1024)),
     "timeout": ("timeout", _field_timeout),
     "retries": ("retries", _field_int("retries", 0, 1000)),
+    "retry_delay": ("retry_delay", _field_retry_delay),
     "env": ("env", _field_env),
     "cwd": ("cwd", lambda v: _as_str(v, "cwd")),
     "tags": ("tags", _field_tags),

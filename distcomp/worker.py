@@ -13,16 +13,24 @@ The loop, top to bottom, each turn:
 There is no fixed sleep per task: a finished task wakes the loop through its
 pidfd, and new work through a pub/sub message, so a slot is refilled within
 milliseconds.
+
+Tasks outlive the worker process (see ``runner`` and ``journal``): a worker
+restarted under the same name re-adopts the tasks that kept running, reports
+those that ended meanwhile, and gives back only those truly gone. A guardian
+process stops the orphans of a worker that does not come back within its lease.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import selectors
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -33,10 +41,13 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import psutil
 import redis
 
 from . import runner
+from .journal import Journal, TaskRecord
 from .resources import detect_cpus, detect_gpus, detect_memory
+from .spec import TaskSpec
 from .store import Claim, NameTakenError, NotOwnerError, Store
 
 log = logging.getLogger("distcomp.worker")
@@ -53,12 +64,19 @@ class WorkerConfig:
     max_tasks: int | None = None
     max_running: int = 256
     log_dir: Path = Path(".distcomp/logs")
+    #: Node-local: the journal of running tasks lives in ``state_dir/workers/<name>``.
+    state_dir: Path = Path(".distcomp")
     heartbeat: float = 5.0
     lease: float = 30.0
     kill_grace: float = 5.0
     sample_interval: float = 1.0
     tail_bytes: int = runner.DEFAULT_TAIL_BYTES
     drain: bool = False
+    #: Stop (and abandon) running tasks once cut off from Redis for longer than the
+    #: lease: they are being rerun elsewhere by then.
+    self_fence: bool = False
+    #: Start the guardian that stops this worker's orphans if it dies for good.
+    guardian: bool = True
     #: Stop once this returns True while the worker has nothing running (``run``).
     exit_when: Callable[[], bool] | None = None
 
@@ -90,6 +108,8 @@ class _Report:
     token: str
     result: dict[str, Any]
     reason: str = ""
+    status_path: Path | None = None
+    spec: TaskSpec | None = None
 
 
 @dataclass
@@ -117,7 +137,10 @@ class Worker:
         self.stopping = False
         self.hard_stop = False
         self.online = True
+        self.last_renewed = time.monotonic()
         self._backoff = 0.1
+        self.journal = Journal(self._journal_dir())
+        self._guardian: subprocess.Popen[bytes] | None = None
         self._cancels: deque[str] = deque()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -147,33 +170,98 @@ class Worker:
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
 
-    def register(self) -> None:
-        """Take our name; a defaulted name moves to ``host-2``, ``host-3``... if held."""
-        fields = {"host": self.host, "pid": os.getpid(), "cpus": self.cpus,
+    def register(self) -> dict[str, str]:
+        """Take our name; a defaulted name moves to ``host-2``, ``host-3``... if held by a
+        live worker. A name whose holder was a process on this host that has died is
+        taken over at once. Returns the leases a previous holder left (id -> token)."""
+        fields = {"host": self.host, "pid": os.getpid(),
+                  "pid_start": psutil.Process().create_time(), "cpus": self.cpus,
                   "mem": self.memory, "gpus": ",".join(map(str, self.gpus))}
         base = self.name
         for index in range(1, 1000):
             try:
-                n = self.store.register_worker(
+                return self.store.register_worker(
                     self.name, self.instance, lease_ms=self._lease_ms, info=self._info(),
-                    fields=fields)
-                if n:
-                    log.info("requeued %d tasks of a previous %s", n, self.name)
-                return
+                    fields=fields, takeover=self._dead_local_holder(self.name))
             except NameTakenError:
                 if self.config.name is not None:
                     raise
                 self.name = f"{base}-{index + 1}"
         raise NameTakenError(f"no free worker name based on {base}")  # pragma: no cover
 
+    def _journal_dir(self) -> Path:
+        """Worker names are unique per queue per Redis server, and so is this path."""
+        server = hashlib.sha1(self.store.url.encode()).hexdigest()[:10]
+        return self.config.state_dir / "workers" / f"{self.store.queue}@{server}" / self.name
+
+    def _dead_local_holder(self, name: str) -> str:
+        """The instance id of the name's holder if it was a process on this host that is
+        gone (a crashed worker being restarted); "" otherwise."""
+        record = self.store.worker_record(name)
+        if not record or record.get("host") != self.host:
+            return ""
+        try:
+            pid, start = int(record["pid"]), float(record["pid_start"])
+        except (KeyError, ValueError):
+            return ""
+        return "" if runner.is_same_process(pid, start) else record.get("instance", "")
+
     def run(self) -> Stats:
-        self.register()
+        held = self.register()
+        self.journal = Journal(self._journal_dir())
+        self.journal.ensure()
+        self.journal.touch_heartbeat()
+        self._readopt(held)
+        self._start_guardian()
         self._start_listener()
         try:
             self._loop()
         finally:
             self._shutdown()
         return self.stats
+
+    def _readopt(self, held: dict[str, str]) -> None:
+        """Match the leases Redis says we hold with the tasks our journal knows."""
+        records = {r.task_id: r for r in self.journal.records()}
+        for tid, record in records.items():
+            proc = None
+            if held.get(tid) == record.token:
+                spec = TaskSpec.from_json(record.spec_json)
+                proc = runner.adopt(tid, record.pid, record.pid_start, Path(record.out_path),
+                                    Path(record.err_path), Path(record.status_path),
+                                    record.started_wall, spec.timeout)
+            if proc is None:
+                # Not ours any more (or gone): make sure no copy runs, forget it.
+                if runner.is_same_process(record.pid, record.pid_start):
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(record.pid, signal.SIGKILL)
+                self.journal.remove(tid)
+                continue
+            claim = Claim(tid, record.token, record.attempt, spec)
+            item = Running(claim, proc, list(record.gpus))
+            self.running[tid] = item
+            self._selector_watch(item)
+            log.info("re-adopted task %s (pid %d)", tid, record.pid)
+        for tid, token in held.items():
+            if tid not in self.running:
+                self.outbox.append(_Report("requeue", tid, token, {},
+                                           reason=f"worker {self.name} restarted; "
+                                                  "its task process was gone"))
+
+    def _start_guardian(self) -> None:
+        if not self.config.guardian:
+            return
+        try:
+            pid = int(self.journal.guardian_pidfile.read_text())
+            if any("distcomp.guardian" in part for part in psutil.Process(pid).cmdline()):
+                return  # the previous worker's guardian watches our heartbeat now
+        except (OSError, ValueError, psutil.Error):
+            pass
+        self._guardian = subprocess.Popen(
+            [sys.executable, "-m", "distcomp.guardian", str(self.journal.directory),
+             "--lease", str(self.config.lease), "--grace", str(self.config.kill_grace)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
 
     # -- the loop --------------------------------------------------------
     def _loop(self) -> None:
@@ -184,6 +272,7 @@ class Worker:
             now = time.monotonic()
             if now >= self.timers.heartbeat:
                 self._heartbeat()
+            self._self_fence(now)
             if now >= self.timers.reap:
                 self._reap()
             if self.stopping:
@@ -209,6 +298,7 @@ class Worker:
             del self.running[tid]
             self._selector_forget(item)
             if item.abandoned:
+                self._forget(tid, item.proc.status_path)
                 continue
             self.outbox.append(self._report_for(item, outcome))
 
@@ -239,8 +329,25 @@ class Worker:
                 return
             self.outbox.popleft()
 
+    def _self_fence(self, now: float) -> None:
+        """With --self-fence, stop tasks before their leases (renewed last at
+        ``last_renewed``) can expire and the tasks start elsewhere."""
+        limit = max(self.config.lease / 2,
+                    self.config.lease - self.config.kill_grace - self.config.heartbeat)
+        if (self.config.self_fence and not self.online and self.running
+                and now - self.last_renewed > limit):
+            log.warning("cut off from Redis for longer than the lease: stopping %d tasks "
+                        "(they are rerun elsewhere)", len(self.running))
+            for item in self.running.values():
+                if not item.abandoned:
+                    item.abandoned = True
+                    item.proc.terminate("self-fenced: cut off from Redis")
+
     def _heartbeat(self) -> None:
         self.timers.heartbeat = time.monotonic() + self.config.heartbeat
+        self.journal.touch_heartbeat()
+        if self._guardian is not None:
+            self._guardian.poll()  # reap it if it exited
         if not self._redis_ok():
             return
         leases = [(tid, r.claim.token) for tid, r in self.running.items() if not r.abandoned]
@@ -257,6 +364,7 @@ class Worker:
         except _REDIS_ERRORS as exc:
             self._went_offline(exc)
             return
+        self.last_renewed = time.monotonic()
         self._came_online()
         for tid in lost:
             held = self.running.get(tid)
@@ -309,11 +417,16 @@ class Worker:
                                 gpus=gpus)
         except runner.LaunchError as exc:
             self.outbox.append(_Report("fail", claim.task_id, claim.token,
-                                       {"host": self.host}, reason=str(exc)))
+                                       {"host": self.host}, reason=str(exc), spec=claim.spec))
             return
         item = Running(claim, proc, gpus)
         self.running[claim.task_id] = item
         self._selector_watch(item)
+        self.journal.write(TaskRecord(
+            task_id=claim.task_id, token=claim.token, attempt=claim.attempt, pid=proc.pid,
+            pid_start=proc.pid_start, out_path=str(proc.out_path), err_path=str(proc.err_path),
+            status_path=str(proc.status_path), spec_json=claim.spec.to_json(),
+            started_wall=proc.started_wall, gpus=gpus))
 
     def _wait(self) -> None:
         now = time.monotonic()
@@ -357,6 +470,8 @@ class Worker:
             self._collect_finished()
             self._flush_outbox()
             self.store.deregister_worker(self.name, self.instance)
+        if not self.running:
+            self.journal.clear_heartbeat()  # the guardian exits; nothing is orphaned
         self._selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -377,20 +492,33 @@ class Worker:
             "err_path": str(item.proc.err_path.resolve()),
             "started_wall": f"{item.proc.started_wall:.3f}",
         }
-        tid, token = item.claim.task_id, item.claim.token
+        tid, token, status = item.claim.task_id, item.claim.token, item.proc.status_path
         if item.requeue_reason:
-            return _Report("requeue", tid, token, result, reason=item.requeue_reason)
+            return _Report("requeue", tid, token, result, reason=item.requeue_reason,
+                           status_path=status)
         if outcome.ok:
-            return _Report("complete", tid, token, result)
+            return _Report("complete", tid, token, result, status_path=status)
         if outcome.reason:
             reason = outcome.reason
         elif outcome.signal is not None:
             reason = f"killed by signal {result['signal']}"
         else:
-            reason = f"exit code {outcome.exit_code}"
-        return _Report("fail", tid, token, result, reason=reason)
+            hint = _EXIT_HINTS.get(outcome.exit_code or 0, "")
+            reason = f"exit code {outcome.exit_code}{hint}"
+        return _Report("fail", tid, token, result, reason=reason, status_path=status,
+                       spec=item.claim.spec)
+
+    def _forget(self, task_id: str, status_path: Path | None) -> None:
+        self.journal.remove(task_id)
+        if status_path is not None:
+            with contextlib.suppress(OSError):
+                status_path.unlink()
 
     def _send(self, report: _Report) -> None:
+        self._apply(report)
+        self._forget(report.task_id, report.status_path)
+
+    def _apply(self, report: _Report) -> None:
         if report.kind == "complete":
             applied = self.store.complete(report.task_id, report.token, report.result)
             if applied:
@@ -398,7 +526,9 @@ class Worker:
             else:
                 self.stats.stale += 1
         elif report.kind == "fail":
-            status = self.store.fail(report.task_id, report.token, report.reason, report.result)
+            spec = report.spec
+            status = self.store.fail(report.task_id, report.token, report.reason, report.result,
+                                     retry_delay=(spec.retry_delay or 0.0) if spec else 0.0)
             if status == "stale":
                 self.stats.stale += 1
             elif status == "failed":
@@ -517,6 +647,9 @@ class Worker:
                 with contextlib.suppress(Exception):
                     pubsub.close()
 
+
+#: What the shell means by these statuses, so a reason reads without a manual.
+_EXIT_HINTS = {126: " (command not executable)", 127: " (command not found)"}
 
 _HAVE_PIDFD = hasattr(os, "pidfd_open")
 if _HAVE_PIDFD:

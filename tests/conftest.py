@@ -143,6 +143,7 @@ def start_worker(store: Store, tmp_path: Path) -> Iterator[Callable[..., WorkerT
 
     def factory(**config: Any) -> WorkerThread:
         config.setdefault("log_dir", tmp_path / "logs")
+        config.setdefault("state_dir", tmp_path / "state")
         w = WorkerThread(store, **config).start()
         started.append(w)
         return w

@@ -180,14 +180,68 @@ def test_only_the_registered_instance_may_act(store: Store) -> None:
     register(store)  # a stopped name can be taken
 
 
-def test_restarted_worker_gets_its_tasks_requeued_at_once(store: Store) -> None:
+def test_restarted_worker_gets_back_its_leases(store: Store) -> None:
     store.submit([spec("a"), spec("b")])
     inst = register(store, lease_ms=100)
-    claim(store, "w1", inst, n=2, lease_ms=100)
+    claims = store.claim("w1", inst, free_mem=GIB, free_cpus=2, free_gpus=0, max_count=2,
+                         lease_ms=100)
     time.sleep(0.15)  # the old owner is dead (no heartbeat within its lease)
-    inst2 = register(store, lease_ms=LEASE)
-    assert store.counts()["queued"] == 2
-    assert claim(store, "w1", inst2, n=2) == ["1.1", "1.2"]
+    inst2 = uuid.uuid4().hex
+    held = store.register_worker("w1", inst2, lease_ms=LEASE, info={}, fields={})
+    assert held == {c.task_id: c.token for c in claims}
+    # the new owner renews what it re-adopts under the same tokens ...
+    assert store.renew("w1", inst2, [("1.1", held["1.1"])], lease_ms=LEASE, info={}) == []
+    # ... and gives back, fenced, what is gone
+    assert store.requeue("1.2", held["1.2"], "task process gone")
+    assert claim(store, "w1", inst2) == ["1.2"]
+    check_counters(store)
+
+
+def test_renew_retakes_a_task_reaped_while_nobody_claimed_it(store: Store) -> None:
+    """A partitioned worker whose lease was reaped keeps its running copy if the task
+    is still queued when it reconnects: it is taken back, not run twice."""
+    store.submit([spec("long")])
+    inst = register(store, lease_ms=100)
+    [c] = store.claim("w1", inst, free_mem=GIB, free_cpus=1, free_gpus=0, max_count=1,
+                      lease_ms=100)
+    time.sleep(0.15)
+    assert store.reap(lock_ms=1) == 1 and store.counts()["queued"] == 1
+    assert store.renew("w1", inst, [(c.task_id, c.token)], lease_ms=LEASE, info={}) == []
+    task = store.task(c.task_id)
+    assert task is not None and task["state"] == "running" and task["token"] == c.token
+    assert store.complete(c.task_id, c.token, {}) is True
+    check_counters(store)
+
+
+def test_retry_delay_backs_off(store: Store) -> None:
+    store.submit([spec("flaky", retries=2, retry_delay=0.3)])
+    inst = register(store)
+    [c] = store.claim("w1", inst, free_mem=GIB, free_cpus=1, free_gpus=0, max_count=1,
+                      lease_ms=LEASE)
+    assert store.fail(c.task_id, c.token, "boom", {}, retry_delay=0.3) == "retry"
+    assert store.counts()["queued"] == 1
+    assert claim(store, "w1", inst) == []  # still waiting out its delay
+    time.sleep(0.35)
+    [c2] = store.claim("w1", inst, free_mem=GIB, free_cpus=1, free_gpus=0, max_count=1,
+                       lease_ms=LEASE)
+    assert store.fail(c2.task_id, c2.token, "boom", {}, retry_delay=0.3) == "retry"
+    time.sleep(0.35)
+    assert claim(store, "w1", inst) == []  # the second delay is twice as long
+    time.sleep(0.35)
+    assert claim(store, "w1", inst) == ["1.1"]
+    store.submit([spec("waits")], allow_duplicates=True)
+    check_counters(store)
+
+
+def test_cancel_a_delayed_retry(store: Store) -> None:
+    store.submit([spec("flaky", retries=1)])
+    inst = register(store)
+    [c] = store.claim("w1", inst, free_mem=GIB, free_cpus=1, free_gpus=0, max_count=1,
+                      lease_ms=LEASE)
+    store.fail(c.task_id, c.token, "boom", {}, retry_delay=0.1)
+    assert store.cancel(["1.1"]) == 1
+    time.sleep(0.15)
+    assert claim(store, "w1", inst) == []
     check_counters(store)
 
 

@@ -205,6 +205,7 @@ FULL_FIELDS: dict[str, Any] = {
     "gpus": 1,
     "timeout": "1h30m",
     "retries": 2,
+    "retry_delay": "30s",
     "env": {"SEED": 3, "DEBUG": True, "MODE": "fast"},
     "cwd": "/data/runs",
     "tags": ["sweep", "gpu", "sweep"],
@@ -219,6 +220,7 @@ FULL_SPEC = TaskSpec(
     gpus=1,
     timeout=5400.0,
     retries=2,
+    retry_delay=30.0,
     env=(("DEBUG", "true"), ("MODE", "fast"), ("SEED", "3")),
     cwd="/data/runs",
     tags=("sweep", "gpu"),
@@ -284,6 +286,7 @@ cpus = 4
 gpus = 1
 timeout = "1h30m"
 retries = 2
+retry_delay = 30
 tags = ["sweep", "gpu", "sweep"]
 cwd = "/data/runs"
 env = { SEED = 3, DEBUG = true, MODE = "fast" }
@@ -293,7 +296,7 @@ cmd = ["sleep", "1"]
 """
     first, second = parse_toml(text, "t.toml")
     assert first == FULL_SPEC
-    assert (first.source, second.source) == ("t.toml:2", "t.toml:16")
+    assert (first.source, second.source) == ("t.toml:2", "t.toml:17")
     assert second.cmd == "sleep 1"
 
 

@@ -247,7 +247,8 @@ def test_worker_rides_out_a_redis_restart(tmp_path: Path) -> None:
     try:
         store = Store(server.url, "outage")
         store.submit([TaskSpec(cmd=f"sleep 0.8; echo {i}") for i in range(6)])
-        w = WorkerThread(store, cpus=2, log_dir=tmp_path / "logs", heartbeat=0.3,
+        w = WorkerThread(store, cpus=2, log_dir=tmp_path / "logs", state_dir=tmp_path / "s",
+                         heartbeat=0.3,
                          lease=3.0).start()
         wait_for(lambda: store.counts().get("running") == 2)
         time.sleep(0.2)

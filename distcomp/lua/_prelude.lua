@@ -67,6 +67,37 @@ local function requeue_running(tid, reason, counter)
   return f
 end
 
+-- When this queue first saw the current Redis process (its run_id, from INFO):
+-- every script that decides on or records liveness (claim, renew, reap,
+-- register) calls this first, so a heartbeat older than the returned time was
+-- sent before the restart and any later one after it, exactly.
+local function restart_time(now)
+  local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
+  local f = redis.call('HMGET', P .. 'server', 'run_id', 'started')
+  if f[1] ~= run_id then
+    redis.call('HSET', P .. 'server', 'run_id', run_id, 'started', int(now))
+    return now
+  end
+  return tonumber(f[2])
+end
+
+-- Move retries whose delay has passed into their ready sets.
+local function promote_due(now)
+  local due = redis.call('ZRANGEBYSCORE', P .. 'delayed', '-inf', now, 'LIMIT', 0, 100)
+  for _, tid in ipairs(due) do
+    redis.call('ZREM', P .. 'delayed', tid)
+    local f = redis.call('HMGET', task_key(tid), 'shape', 'score', 'state')
+    if f[3] == 'queued' then make_ready(tid, f[1], f[2]) end
+  end
+end
+
+-- Take a queued task out of wherever it waits (its ready set or the delayed set).
+local function unqueue(tid, shape)
+  redis.call('ZREM', ready_key(shape), tid)
+  if redis.call('ZCARD', ready_key(shape)) == 0 then redis.call('SREM', P .. 'shapes', shape) end
+  redis.call('ZREM', P .. 'delayed', tid)
+end
+
 local function wake()
   redis.call('PUBLISH', P .. 'wake', '1')
 end

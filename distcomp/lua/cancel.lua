@@ -15,8 +15,7 @@ for i = 2, #ARGV do
   local tk = task_key(tid)
   local f = redis.call('HMGET', tk, 'state', 'job', 'shape', 'worker')
   if f[1] == 'queued' then
-    redis.call('ZREM', ready_key(f[3]), tid)
-    if redis.call('ZCARD', ready_key(f[3])) == 0 then redis.call('SREM', P .. 'shapes', f[3]) end
+    unqueue(tid, f[3])
   elseif f[1] == 'running' then
     drop_lease(tid, f[4])
     redis.call('PUBLISH', P .. 'control', 'cancel ' .. f[4] .. ' ' .. tid)

@@ -1,6 +1,6 @@
 -- claim: queued -> running, up to max_count tasks that fit the worker's free resources.
 --
--- ARGV: worker, instance, free_mem, free_cpus, free_gpus, max_count, lease_ms
+-- ARGV: worker, instance, free_mem, free_cpus, free_gpus, max_count, lease_ms, nonce
 --
 -- Cost: O(shapes * log N). Ready tasks sit in one sorted set per resource shape
 -- ("m<mem floor MiB>:c<cpus>:g<gpus>"); the script looks only at the heads of the
@@ -9,18 +9,36 @@
 -- while some other live worker has not failed it (only the few heads inspected
 -- are checked), so exclusions never turn a claim into a scan.
 --
+-- Restart freeze: right after a Redis restart, a worker that was alive before it
+-- may hold tasks whose claim the server lost (AOF everysec after a machine
+-- crash). Until every such worker has renewed once (renew re-takes its tasks)
+-- or a lease has passed, nothing is claimed, so no task gets a second live
+-- attempt. A fresh server with no recently-alive workers does not freeze.
+--
+-- Retries waiting out their delay sit in the "delayed" set; the due ones are
+-- moved into their ready sets first (O(log N + due)).
+--
 -- Invariants: the caller must be the registered instance of its name; each
--- claimed task gets a fresh lease token (a counter, never reused) and a deadline
+-- claimed task gets a fresh lease token (a counter plus the caller's random
+-- nonce, so a counter that went back after a restart never repeats a token) and a deadline
 -- from the server clock, enters the lease index and the worker's task set, and
 -- its counters move queued -> running in the same step.
 -- Returns: flat list of {task_id, token, attempt, spec_json} per claimed task.
 local worker, instance = ARGV[1], ARGV[2]
 local free_mem, free_cpus, free_gpus = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local max_count, lease_ms = tonumber(ARGV[6]), tonumber(ARGV[7])
+local nonce = ARGV[8]
 if redis.call('HGET', worker_key(worker), 'instance') ~= instance then
   return redis.error_reply('NOTOWNER worker name ' .. worker .. ' is registered to another process')
 end
 local now = now_ms()
+local restarted = restart_time(now)
+if now < restarted + lease_ms then
+  local unrenewed = redis.call('ZRANGEBYSCORE', P .. 'workers', '(' .. int(restarted - lease_ms),
+    '(' .. int(restarted), 'LIMIT', 0, 1)
+  if #unrenewed > 0 then return {} end
+end
+promote_due(now)
 local HEAD_SCAN = 8
 local live = nil  -- live workers, computed only if an excluded head is met
 
@@ -65,11 +83,11 @@ for _ = 1, max_count do
     redis.call('SREM', P .. 'shapes', best_shape)
   end
   local tk = task_key(best_tid)
-  local token = tostring(redis.call('INCR', P .. 'seq:lease'))
+  local token = redis.call('INCR', P .. 'seq:lease') .. '-' .. nonce
   local attempt = redis.call('HINCRBY', tk, 'attempt', 1)
   local deadline = now + lease_ms
   redis.call('HSET', tk, 'state', 'running', 'worker', worker, 'token', token,
-    'deadline', int(deadline), 'claimed_at', int(now))
+    'deadline', int(deadline), 'claimed_at', int(now), 'lease_ms', int(lease_ms))
   redis.call('ZADD', P .. 'running', int(deadline), best_tid)
   redis.call('SADD', wtasks_key(worker), best_tid)
   local f = redis.call('HMGET', tk, 'job', 'spec', 'cpus', 'gpus')

@@ -19,6 +19,8 @@ for _, tid in ipairs(redis.call('SMEMBERS', wtasks_key(worker))) do
 end
 redis.call('DEL', wtasks_key(worker))
 redis.call('HSET', wk, 'state', 'stopped', 'stopped_at', int(now_ms()))
+-- A stopped worker holds nothing: it must not count as "alive before a restart".
+redis.call('ZADD', P .. 'workers', 0, worker)
 redis.call('XADD', P .. 'events', 'MAXLEN', '~', 10000, '*', 'type', 'worker_down',
   'worker', worker)
 if n > 0 then wake() end
