@@ -1,15 +1,16 @@
 """Stops the orphans of a worker that died and did not come back within its lease.
 
 Tasks deliberately survive their worker process, so that a restarted worker
-can re-adopt them. But once the worker has been silent for longer than its
-lease, Redis gives its tasks to other workers; a copy still running here
-would then run alongside its rerun. The guardian — one small process per
-worker, in its own session so it survives the worker — watches the worker's
-heartbeat file and, when it goes stale, kills every journaled task's process
-group (checking pid and start time, so a reused pid is never hit) and exits.
-It also exits when the worker stops cleanly (heartbeat file removed).
+can re-adopt them. But once the worker has been silent for about its lease,
+Redis gives its tasks to other workers; a copy still running here would then
+run alongside its rerun. The guardian — one small process per worker, in its
+own session so it survives the worker — watches the worker's heartbeat file
+and, when it goes stale, kills the process group of every task the worker
+started (found by the tag in their command line, so a reused pid is never
+hit) and exits. It also exits when the worker stops cleanly (heartbeat file
+removed).
 
-Run as ``python -m distcomp.guardian JOURNAL_DIR --lease SECONDS``.
+Run as ``python -m distcomp.guardian DIR --tag TAG --lease SECONDS``.
 """
 
 from __future__ import annotations
@@ -21,27 +22,8 @@ import signal
 import time
 from pathlib import Path
 
-from .journal import Journal, TaskRecord
-from .runner import is_same_process as same_process
-
-
-def kill_group(record: TaskRecord, sig: int) -> None:
-    if same_process(record.pid, record.pid_start):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(record.pid, sig)
-
-
-def stop_orphans(journal: Journal, grace: float) -> int:
-    records = [r for r in journal.records() if same_process(r.pid, r.pid_start)]
-    for record in records:
-        kill_group(record, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(same_process(r.pid, r.pid_start)
-                                              for r in records):
-        time.sleep(0.1)
-    for record in records:
-        kill_group(record, signal.SIGKILL)
-    return len(records)
+from .heartbeat import HeartbeatFile
+from .runner import find_tasks, is_same_process
 
 
 def silence_limit(lease: float, grace: float, interval: float) -> float:
@@ -54,28 +36,46 @@ def silence_limit(lease: float, grace: float, interval: float) -> float:
     return max(lease / 2, lease - grace - 2 * interval)
 
 
-def watch(journal: Journal, lease: float, grace: float, interval: float) -> None:
+def stop_orphans(tag: str, grace: float) -> int:
+    found = list(find_tasks(tag).values())
+    for task in found:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(task.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(is_same_process(t.pid, t.pid_start)
+                                              for t in found):
+        time.sleep(0.1)
+    for task in found:
+        if is_same_process(task.pid, task.pid_start):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(task.pid, signal.SIGKILL)
+    return len(found)
+
+
+def watch(heartbeat: HeartbeatFile, tag: str, lease: float, grace: float,
+          interval: float) -> None:
     limit = silence_limit(lease, grace, interval)
     while True:
-        age = journal.heartbeat_age()
+        age = heartbeat.age()
         if age is None:
             return  # the worker stopped cleanly
         if age > limit:
-            stop_orphans(journal, grace)
-            journal.clear_heartbeat()
+            stop_orphans(tag, grace)
+            heartbeat.clear()
             return
         time.sleep(interval)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("journal", type=Path)
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("directory", type=Path)
+    parser.add_argument("--tag", required=True)
     parser.add_argument("--lease", type=float, required=True)
     parser.add_argument("--grace", type=float, default=5.0)
     args = parser.parse_args()
-    journal = Journal(args.journal)
-    journal.guardian_pidfile.write_text(f"{os.getpid()}\n")
-    watch(journal, args.lease, args.grace, interval=min(1.0, args.lease / 10))
+    heartbeat = HeartbeatFile(args.directory)
+    heartbeat.guardian_pidfile.write_text(f"{os.getpid()}\n")
+    watch(heartbeat, args.tag, args.lease, args.grace, interval=min(1.0, args.lease / 10))
 
 
 if __name__ == "__main__":

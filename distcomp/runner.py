@@ -6,16 +6,21 @@ values. Each task runs as ``/bin/sh -c CMD`` in a new session, so killing its
 process group takes every child it forked with it.
 
 A task must be able to outlive its worker (a restarted worker re-adopts it), so
-its exit status cannot depend on the worker's ``wait``: a two-line shell
-wrapper, the group leader, runs the command and writes its exit status to a
-status file before exiting with the same status. A re-adopted task is not our
-child; it is watched by pid and start time and its status read from that file.
+its exit status cannot depend on the worker's ``wait``: a one-line shell
+wrapper, the group leader, opens the log files, runs the command and writes
+its exit status to a status file on exit. The wrapper's ``$0`` carries a tag
+naming the queue and worker, and its arguments the status file
+(``<log_dir>/<job>/<task>.<attempt>.status``): the process table itself is the
+record of what runs, so a restarted worker (or the guardian) finds its tasks
+without any file written on the hot path. A re-adopted task is not our child;
+it is watched by pid and start time and its status read from the status file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -30,9 +35,22 @@ from .spec import TaskSpec
 #: Bytes of stdout/stderr kept in the task record; the full logs stay in files.
 DEFAULT_TAIL_BYTES = 8192
 
-#: $1 = the command, $2 = the status file. The command's status is written with a
-#: trailing newline, so a reader can tell a complete status from a torn write.
-_WRAPPER = '/bin/sh -c "$1"; rc=$?; echo "$rc" > "$2"; exit "$rc"'
+TASK_TAG_PREFIX = "distcomp-task:"
+
+#: $1 = the command, $2 = status file, $3/$4 = stdout/stderr logs. The command runs
+#: in the wrapper shell itself (one exec per task, not two); its status is written
+#: by the EXIT trap (also on ``exit N``), with a trailing newline so a reader can
+#: tell a complete status from a torn write. Positional parameters are cleared so
+#: the command sees none, as under ``sh -c``.
+_WRAPPER_EVAL = ('exec >"$3" 2>"$4" </dev/null; __dc_s=$2; __dc_c=$1; set --; '
+                 "trap 'echo \"$?\" >\"$__dc_s\"' EXIT; eval \"$__dc_c\"")
+#: A command that may ``exec`` would replace the wrapper (and its EXIT trap), so it
+#: runs in a child shell instead.
+_WRAPPER_CHILD = ('exec >"$3" 2>"$4" </dev/null; /bin/sh -c "$1"; rc=$?; '
+                  'echo "$rc" >"$2"; exit "$rc"')
+_EXEC_RE = re.compile(r"\bexec\b")
+#: Job log directories already created by this process (one mkdir per job, not per task).
+_made_dirs: set[Path] = set()
 
 
 @dataclass
@@ -133,6 +151,10 @@ class TaskProcess:
         self.kill_reason = self.kill_reason or "killed while its worker was away"
         return -signal.SIGKILL
 
+    @property
+    def adopted(self) -> bool:
+        return self.popen is None
+
     def sample_rss(self) -> int:
         """Sum of RSS over the process tree now; updates the peak."""
         try:
@@ -170,6 +192,8 @@ class TaskProcess:
 
 def is_same_process(pid: int, start: float) -> bool:
     """True if ``pid`` is alive and started at ``start`` (so a reused pid is not it)."""
+    if pid <= 0:
+        return False
     try:
         proc = psutil.Process(pid)
         return proc.status() != psutil.STATUS_ZOMBIE and abs(proc.create_time() - start) < 0.05
@@ -177,21 +201,55 @@ def is_same_process(pid: int, start: float) -> bool:
         return False
 
 
-def adopt(task_id: str, pid: int, pid_start: float, out_path: Path, err_path: Path,
-          status_path: Path, started_wall: float, timeout: float | None) -> TaskProcess | None:
+@dataclass(frozen=True)
+class FoundTask:
+    """A task wrapper found in the process table."""
+
+    pid: int
+    pid_start: float
+    status_path: Path
+    out_path: Path
+    err_path: Path
+
+
+def find_tasks(tag: str) -> dict[Path, FoundTask]:
+    """Every live task wrapper started with ``tag``, by status file path."""
+    marker = TASK_TAG_PREFIX + tag
+    found: dict[Path, FoundTask] = {}
+    for proc in psutil.process_iter(["cmdline", "create_time"]):
+        cmd = proc.info.get("cmdline") or []
+        if len(cmd) >= 8 and cmd[0] == "/bin/sh" and cmd[3] == marker:
+            status = Path(cmd[5])
+            found[status] = FoundTask(proc.pid, proc.info["create_time"], status,
+                                      Path(cmd[6]), Path(cmd[7]))
+    return found
+
+
+def log_paths(log_dir: Path, task_id: str, attempt: int) -> tuple[Path, Path, Path]:
+    """(stdout, stderr, status) of one attempt: derived, so nothing needs recording."""
+    base = log_dir / task_id.split(".", 1)[0] / f"{task_id}.{attempt}"
+    return base.with_suffix(".out"), base.with_suffix(".err"), base.with_suffix(".status")
+
+
+def adopt(task_id: str, attempt: int, log_dir: Path, found: FoundTask | None,
+          started_wall: float, timeout: float | None) -> TaskProcess | None:
     """Take over a task started by a previous worker process, if it is still running
     or left its exit status; None if it is truly gone."""
-    if not is_same_process(pid, pid_start) and read_status(status_path) is None:
+    out_path, err_path, status_path = log_paths(log_dir, task_id, attempt)
+    if found is None and read_status(status_path) is None:
         return None
     elapsed = max(0.0, time.time() - started_wall)
     now = time.monotonic()
-    return TaskProcess(task_id=task_id, pid=pid, pid_start=pid_start, out_path=out_path,
+    return TaskProcess(task_id=task_id, pid=found.pid if found else 0,
+                       pid_start=found.pid_start if found else 0.0, out_path=out_path,
                        err_path=err_path, status_path=status_path, started=now - elapsed,
                        started_wall=started_wall,
                        deadline=now - elapsed + timeout if timeout else None)
 
 
 def _signal_group(pgid: int, sig: int) -> None:
+    if pgid <= 0:
+        return  # an adopted task that had already ended: nothing to signal
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
 
@@ -218,8 +276,8 @@ class LaunchError(RuntimeError):
 
 def task_environment(spec: TaskSpec, task_id: str, attempt: int, gpus: list[int]
                      ) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(dict(spec.env))
+    env = os.environ.copy()
+    env.update(spec.env)
     threads = str(max(1, spec.cpus))
     env.update({
         "DISTCOMP_TASK_ID": task_id,
@@ -233,50 +291,44 @@ def task_environment(spec: TaskSpec, task_id: str, attempt: int, gpus: list[int]
     return env
 
 
-def start(spec: TaskSpec, task_id: str, attempt: int, log_dir: Path, *,
+def start(spec: TaskSpec, task_id: str, attempt: int, log_dir: Path, *, tag: str,
           gpus: list[int] | None = None) -> TaskProcess:
-    """Start ``/bin/sh -c CMD`` in its own session with output to per-attempt files."""
-    job_id = task_id.split(".", 1)[0]
-    task_dir = log_dir / job_id
-    out_path = task_dir / f"{task_id}.{attempt}.out"
-    err_path = task_dir / f"{task_id}.{attempt}.err"
-    status_path = task_dir / f"{task_id}.{attempt}.status"
-    try:
-        task_dir.mkdir(parents=True, exist_ok=True)
-        out_file = open(out_path, "wb")  # noqa: SIM115 - handed to the child
-        err_file = open(err_path, "wb")  # noqa: SIM115
-    except OSError as exc:
-        raise LaunchError(f"cannot write logs under {task_dir}: {exc.strerror}") from exc
+    """Start the task in its own session; the wrapper opens its log files, so the
+    worker's loop does no per-task file I/O. ``log_dir`` must be absolute."""
+    out_path, err_path, status_path = log_paths(log_dir, task_id, attempt)
+    task_dir = out_path.parent
+    if task_dir not in _made_dirs:
+        try:
+            task_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LaunchError(f"cannot create log directory {task_dir}: {exc.strerror}") from exc
+        if not os.access(task_dir, os.W_OK | os.X_OK):
+            raise LaunchError(f"cannot write logs under {task_dir}: permission denied")
+        _made_dirs.add(task_dir)
     cwd = os.path.expanduser(spec.cwd) if spec.cwd else None
+    if cwd is not None and not os.path.isdir(cwd):
+        what = "is not a directory" if os.path.exists(cwd) else "does not exist"
+        raise LaunchError(f"working directory {cwd!r} {what}")
+    wrapper = _WRAPPER_CHILD if _EXEC_RE.search(spec.cmd) else _WRAPPER_EVAL
     try:
         popen = subprocess.Popen(
-            ["/bin/sh", "-c", _WRAPPER, "distcomp-task", spec.cmd, str(status_path)],
+            ["/bin/sh", "-c", wrapper, TASK_TAG_PREFIX + tag, spec.cmd, str(status_path),
+             str(out_path), str(err_path)],
             stdin=subprocess.DEVNULL,
-            stdout=out_file,
-            stderr=err_file,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
             cwd=cwd,
             env=task_environment(spec, task_id, attempt, gpus or []),
             start_new_session=True,
             close_fds=True,
         )
-    except FileNotFoundError as exc:
-        raise LaunchError(f"working directory {cwd!r} does not exist") from exc
-    except NotADirectoryError as exc:
-        raise LaunchError(f"working directory {cwd!r} is not a directory") from exc
-    except PermissionError as exc:
-        raise LaunchError(f"cannot enter working directory {cwd!r}: {exc.strerror}") from exc
-    finally:
-        out_file.close()
-        err_file.close()
+    except OSError as exc:
+        raise LaunchError(f"cannot start the task: {exc}") from exc
     now = time.monotonic()
-    try:
-        pid_start = psutil.Process(popen.pid).create_time()
-    except psutil.Error:
-        pid_start = 0.0  # already gone; poll() will reap it
     return TaskProcess(
         task_id=task_id,
         pid=popen.pid,
-        pid_start=pid_start,
+        pid_start=0.0,  # only adopted tasks are told apart by start time
         popen=popen,
         out_path=out_path,
         err_path=err_path,

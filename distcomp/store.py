@@ -119,6 +119,14 @@ class Claim:
         return self.task_id.split(".", 1)[0]
 
 
+@dataclass(frozen=True)
+class HeldLease:
+    """A lease a worker name still holds when a new process takes the name."""
+
+    claim: Claim
+    claimed_at: float  # server clock, seconds since the epoch
+
+
 @dataclass
 class JobInfo:
     id: str
@@ -295,12 +303,14 @@ class Store:
     def register_worker(
         self, worker: str, instance: str, *, lease_ms: int, info: dict[str, Any],
         fields: dict[str, Any], takeover: str = "",
-    ) -> dict[str, str]:
-        """Take the name; returns the leases a previous owner of the name still holds
-        (task id -> token), for the new owner to re-adopt or give back."""
+    ) -> list[HeldLease]:
+        """Take the name; returns the leases a previous owner of the name still holds,
+        for the new owner to re-adopt or give back."""
         out = self._run("register", [worker, instance, lease_ms, json.dumps(info), takeover,
                                      *_flatten(fields)])
-        return dict(zip(out[1::2], out[2::2], strict=True))
+        return [HeldLease(Claim(out[i], out[i + 1], int(out[i + 2]),
+                                TaskSpec.from_json(out[i + 3])), int(out[i + 4]) / 1000)
+                for i in range(1, len(out), 5)]
 
     def deregister_worker(self, worker: str, instance: str) -> int:
         return int(self._run("deregister", [worker, instance]))

@@ -14,7 +14,7 @@ There is no fixed sleep per task: a finished task wakes the loop through its
 pidfd, and new work through a pub/sub message, so a slot is refilled within
 milliseconds.
 
-Tasks outlive the worker process (see ``runner`` and ``journal``): a worker
+Tasks outlive the worker process (see ``runner`` and ``guardian``): a worker
 restarted under the same name re-adopts the tasks that kept running, reports
 those that ended meanwhile, and gives back only those truly gone. A guardian
 process stops the orphans of a worker that does not come back within its lease.
@@ -45,10 +45,10 @@ import psutil
 import redis
 
 from . import runner
-from .journal import Journal, TaskRecord
+from .heartbeat import HeartbeatFile
 from .resources import detect_cpus, detect_gpus, detect_memory
 from .spec import TaskSpec
-from .store import Claim, NameTakenError, NotOwnerError, Store
+from .store import Claim, HeldLease, NameTakenError, NotOwnerError, Store
 
 log = logging.getLogger("distcomp.worker")
 
@@ -64,7 +64,7 @@ class WorkerConfig:
     max_tasks: int | None = None
     max_running: int = 256
     log_dir: Path = Path(".distcomp/logs")
-    #: Node-local: the journal of running tasks lives in ``state_dir/workers/<name>``.
+    #: Node-local: the heartbeat file the guardian watches is under ``state_dir/workers``.
     state_dir: Path = Path(".distcomp")
     heartbeat: float = 5.0
     lease: float = 30.0
@@ -139,7 +139,9 @@ class Worker:
         self.online = True
         self.last_renewed = time.monotonic()
         self._backoff = 0.1
-        self.journal = Journal(self._journal_dir())
+        self.log_dir = config.log_dir.absolute()
+        self.tag = ""
+        self.heartbeat = HeartbeatFile(config.state_dir / "workers" / "unregistered")
         self._guardian: subprocess.Popen[bytes] | None = None
         self._cancels: deque[str] = deque()
         self._wake_r, self._wake_w = os.pipe()
@@ -170,10 +172,10 @@ class Worker:
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
 
-    def register(self) -> dict[str, str]:
+    def register(self) -> list[HeldLease]:
         """Take our name; a defaulted name moves to ``host-2``, ``host-3``... if held by a
         live worker. A name whose holder was a process on this host that has died is
-        taken over at once. Returns the leases a previous holder left (id -> token)."""
+        taken over at once. Returns the leases a previous holder left."""
         fields = {"host": self.host, "pid": os.getpid(),
                   "pid_start": psutil.Process().create_time(), "cpus": self.cpus,
                   "mem": self.memory, "gpus": ",".join(map(str, self.gpus))}
@@ -189,10 +191,11 @@ class Worker:
                 self.name = f"{base}-{index + 1}"
         raise NameTakenError(f"no free worker name based on {base}")  # pragma: no cover
 
-    def _journal_dir(self) -> Path:
-        """Worker names are unique per queue per Redis server, and so is this path."""
+    def _identity(self) -> str:
+        """Worker names are unique per queue per Redis server; so is this tag, which
+        marks our task processes and names our heartbeat directory."""
         server = hashlib.sha1(self.store.url.encode()).hexdigest()[:10]
-        return self.config.state_dir / "workers" / f"{self.store.queue}@{server}" / self.name
+        return f"{self.store.queue}@{server}:{self.name}"
 
     def _dead_local_holder(self, name: str) -> str:
         """The instance id of the name's holder if it was a process on this host that is
@@ -208,9 +211,10 @@ class Worker:
 
     def run(self) -> Stats:
         held = self.register()
-        self.journal = Journal(self._journal_dir())
-        self.journal.ensure()
-        self.journal.touch_heartbeat()
+        self.tag = self._identity()
+        self.heartbeat = HeartbeatFile(self.config.state_dir / "workers" /
+                                       self.tag.replace(":", "/"))
+        self.heartbeat.touch()
         self._readopt(held)
         self._start_guardian()
         self._start_listener()
@@ -220,46 +224,43 @@ class Worker:
             self._shutdown()
         return self.stats
 
-    def _readopt(self, held: dict[str, str]) -> None:
-        """Match the leases Redis says we hold with the tasks our journal knows."""
-        records = {r.task_id: r for r in self.journal.records()}
-        for tid, record in records.items():
-            proc = None
-            if held.get(tid) == record.token:
-                spec = TaskSpec.from_json(record.spec_json)
-                proc = runner.adopt(tid, record.pid, record.pid_start, Path(record.out_path),
-                                    Path(record.err_path), Path(record.status_path),
-                                    record.started_wall, spec.timeout)
+    def _readopt(self, held: list[HeldLease]) -> None:
+        """Match the leases Redis says this name holds with the task processes that
+        carry our tag: adopt the live ones and those that left a status, give back
+        the rest, and stop any of ours that Redis no longer gives us."""
+        found = runner.find_tasks(self.tag)
+        for lease in held:
+            claim = lease.claim
+            _, _, status = runner.log_paths(self.log_dir, claim.task_id, claim.attempt)
+            live = found.pop(status, None)
+            proc = runner.adopt(claim.task_id, claim.attempt, self.log_dir, live,
+                                lease.claimed_at, claim.spec.timeout)
             if proc is None:
-                # Not ours any more (or gone): make sure no copy runs, forget it.
-                if runner.is_same_process(record.pid, record.pid_start):
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(record.pid, signal.SIGKILL)
-                self.journal.remove(tid)
-                continue
-            claim = Claim(tid, record.token, record.attempt, spec)
-            item = Running(claim, proc, list(record.gpus))
-            self.running[tid] = item
-            self._selector_watch(item)
-            log.info("re-adopted task %s (pid %d)", tid, record.pid)
-        for tid, token in held.items():
-            if tid not in self.running:
-                self.outbox.append(_Report("requeue", tid, token, {},
+                self.outbox.append(_Report("requeue", claim.task_id, claim.token, {},
                                            reason=f"worker {self.name} restarted; "
                                                   "its task process was gone"))
+                continue
+            item = Running(claim, proc, _visible_gpus(proc.pid))
+            self.running[claim.task_id] = item
+            self._selector_watch(item)
+            log.info("re-adopted task %s (pid %d)", claim.task_id, proc.pid)
+        for orphan in found.values():  # ours, but its lease is gone: it must not run on
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(orphan.pid, signal.SIGKILL)
 
     def _start_guardian(self) -> None:
         if not self.config.guardian:
             return
         try:
-            pid = int(self.journal.guardian_pidfile.read_text())
+            pid = int(self.heartbeat.guardian_pidfile.read_text())
             if any("distcomp.guardian" in part for part in psutil.Process(pid).cmdline()):
                 return  # the previous worker's guardian watches our heartbeat now
         except (OSError, ValueError, psutil.Error):
             pass
         self._guardian = subprocess.Popen(
-            [sys.executable, "-m", "distcomp.guardian", str(self.journal.directory),
-             "--lease", str(self.config.lease), "--grace", str(self.config.kill_grace)],
+            [sys.executable, "-m", "distcomp.guardian", str(self.heartbeat.directory),
+             "--tag", self.tag, "--lease", str(self.config.lease),
+             "--grace", str(self.config.kill_grace)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True)
 
@@ -345,7 +346,7 @@ class Worker:
 
     def _heartbeat(self) -> None:
         self.timers.heartbeat = time.monotonic() + self.config.heartbeat
-        self.journal.touch_heartbeat()
+        self.heartbeat.touch()
         if self._guardian is not None:
             self._guardian.poll()  # reap it if it exited
         if not self._redis_ok():
@@ -413,8 +414,8 @@ class Worker:
         gpus = [free_gpus.pop(0) for _ in range(min(claim.spec.gpus, len(free_gpus)))]
         self.stats.started += 1
         try:
-            proc = runner.start(claim.spec, claim.task_id, claim.attempt, self.config.log_dir,
-                                gpus=gpus)
+            proc = runner.start(claim.spec, claim.task_id, claim.attempt, self.log_dir,
+                                tag=self.tag, gpus=gpus)
         except runner.LaunchError as exc:
             self.outbox.append(_Report("fail", claim.task_id, claim.token,
                                        {"host": self.host}, reason=str(exc), spec=claim.spec))
@@ -422,11 +423,7 @@ class Worker:
         item = Running(claim, proc, gpus)
         self.running[claim.task_id] = item
         self._selector_watch(item)
-        self.journal.write(TaskRecord(
-            task_id=claim.task_id, token=claim.token, attempt=claim.attempt, pid=proc.pid,
-            pid_start=proc.pid_start, out_path=str(proc.out_path), err_path=str(proc.err_path),
-            status_path=str(proc.status_path), spec_json=claim.spec.to_json(),
-            started_wall=proc.started_wall, gpus=gpus))
+
 
     def _wait(self) -> None:
         now = time.monotonic()
@@ -471,7 +468,7 @@ class Worker:
             self._flush_outbox()
             self.store.deregister_worker(self.name, self.instance)
         if not self.running:
-            self.journal.clear_heartbeat()  # the guardian exits; nothing is orphaned
+            self.heartbeat.clear()  # the guardian exits; nothing is orphaned
         self._selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -488,8 +485,8 @@ class Worker:
             "host": self.host,
             "out_tail": out_tail,
             "err_tail": err_tail,
-            "out_path": str(item.proc.out_path.resolve()),
-            "err_path": str(item.proc.err_path.resolve()),
+            "out_path": str(item.proc.out_path),
+            "err_path": str(item.proc.err_path),
             "started_wall": f"{item.proc.started_wall:.3f}",
         }
         tid, token, status = item.claim.task_id, item.claim.token, item.proc.status_path
@@ -509,7 +506,7 @@ class Worker:
                        spec=item.claim.spec)
 
     def _forget(self, task_id: str, status_path: Path | None) -> None:
-        self.journal.remove(task_id)
+        """The report is in (or refused): the status file has served its purpose."""
         if status_path is not None:
             with contextlib.suppress(OSError):
                 status_path.unlink()
@@ -646,6 +643,15 @@ class Worker:
             finally:
                 with contextlib.suppress(Exception):
                     pubsub.close()
+
+
+def _visible_gpus(pid: int) -> list[int]:
+    """The GPUs an adopted task was given, from its environment."""
+    try:
+        value = psutil.Process(pid).environ().get("CUDA_VISIBLE_DEVICES", "")
+    except psutil.Error:
+        return []
+    return [int(g) for g in value.split(",") if g.strip().isdigit()]
 
 
 #: What the shell means by these statuses, so a reason reads without a manual.

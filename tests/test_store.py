@@ -187,8 +187,9 @@ def test_restarted_worker_gets_back_its_leases(store: Store) -> None:
                          lease_ms=100)
     time.sleep(0.15)  # the old owner is dead (no heartbeat within its lease)
     inst2 = uuid.uuid4().hex
-    held = store.register_worker("w1", inst2, lease_ms=LEASE, info={}, fields={})
-    assert held == {c.task_id: c.token for c in claims}
+    leases = store.register_worker("w1", inst2, lease_ms=LEASE, info={}, fields={})
+    assert sorted((lease.claim for lease in leases), key=str) == sorted(claims, key=str)
+    held = {lease.claim.task_id: lease.claim.token for lease in leases}
     # the new owner renews what it re-adopts under the same tokens ...
     assert store.renew("w1", inst2, [("1.1", held["1.1"])], lease_ms=LEASE, info={}) == []
     # ... and gives back, fenced, what is gone

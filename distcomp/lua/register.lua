@@ -9,10 +9,11 @@
 -- own lease): a second process asking for a live name is refused, so two
 -- processes can never renew or complete each other's leases. A restarted
 -- worker (same name, owner dead or stopped) takes the name over together with
--- its predecessor's leases: it gets them back as {task_id, token} so it can
--- re-adopt tasks that kept running, report those that ended meanwhile, and
--- requeue (fenced, with the token) only those truly gone.
--- Returns: {"ok", task_id_1, token_1, ...} or an error reply NAMETAKEN.
+-- its predecessor's leases: it gets them back so it can re-adopt tasks that
+-- kept running, report those that ended meanwhile, and requeue (fenced, with the
+-- token) only those truly gone.
+-- Returns: {"ok", then per held task: id, token, attempt, spec, claimed_at} or an
+-- error reply NAMETAKEN.
 local worker, instance, lease_ms, info, takeover =
   ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
 local wk = worker_key(worker)
@@ -28,10 +29,10 @@ if old[1] and old[1] ~= instance and old[1] ~= takeover and old[3] ~= 'stopped'
 end
 local held = {}
 for _, tid in ipairs(redis.call('SMEMBERS', wtasks_key(worker))) do
-  local f = redis.call('HMGET', task_key(tid), 'state', 'worker', 'token')
+  local f = redis.call('HMGET', task_key(tid), 'state', 'worker', 'token', 'attempt', 'spec',
+    'claimed_at')
   if f[1] == 'running' and f[2] == worker then
-    held[#held + 1] = tid
-    held[#held + 1] = f[3]
+    for _, v in ipairs({tid, f[3], f[4], f[5], f[6]}) do held[#held + 1] = v end
   else
     redis.call('SREM', wtasks_key(worker), tid)
   end
