@@ -28,6 +28,7 @@ from rich.text import Text
 
 from . import __version__
 from .client import Client, NotFoundError, TaskRow
+from .memory import VICTIM_POLICIES
 from .resources import parse_gpu_list
 from .server import (
     ServerError,
@@ -73,11 +74,14 @@ def friendly_errors() -> Iterator[None]:
         fail(f"{exc}; choose another --name or stop the other worker", EXIT_BAD_INPUT)
     except ServerError as exc:
         fail(str(exc), EXIT_UNREACHABLE)
+    # Before ConnectionError: redis-py's AuthenticationError is a subclass of it.
+    except redis.AuthenticationError as exc:
+        fail(f"Redis refused the credentials ({exc}). Check the password in --redis / "
+             "DISTCOMP_REDIS / distcomp.toml; on the head node, `distcomp server url "
+             "--show-password` prints the URL to use", EXIT_UNREACHABLE)
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         fail(f"cannot reach Redis: {exc}. Check --redis / DISTCOMP_REDIS, or start the "
              "server (distcomp server start)", EXIT_UNREACHABLE)
-    except redis.AuthenticationError as exc:
-        fail(f"Redis refused the credentials: {exc}", EXIT_UNREACHABLE)
 
 
 class Ctx:
@@ -103,7 +107,8 @@ def json_option(func: F) -> F:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--redis", "redis_url", envvar="DISTCOMP_REDIS", metavar="URL",
-              help="Redis URL (redis://, rediss://, unix://). Default: the embedded server.")
+              help="Redis URL (redis://, rediss://, unix://). Default: distcomp.toml, "
+                   "else the embedded server.")
 @click.option("--queue", "-q", default="default", envvar="DISTCOMP_QUEUE", show_default=True,
               help="Named queue; several can share one Redis.")
 @click.option("--state-dir", envvar="DISTCOMP_STATE_DIR", metavar="DIR",
@@ -113,9 +118,22 @@ def json_option(func: F) -> F:
 @click.pass_context
 def main(ctx: click.Context, redis_url: str | None, queue: str, state_dir: str | None,
          verbose: int) -> None:
-    """Run thousands of independent experiments on one machine or many nodes."""
+    """Run thousands of independent experiments on one machine or many nodes.
+
+    Connection settings: flag > environment (DISTCOMP_REDIS, DISTCOMP_QUEUE,
+    DISTCOMP_STATE_DIR) > distcomp.toml (here, else ~/.config/distcomp/) > default.
+    """
+    from .config import resolve  # here, not at the top: keeps this edit to main()
+
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not ctx.resilient_parsing:
+        # None = "not given": only then may distcomp.toml fill it in.
+        given_queue = (None if ctx.get_parameter_source("queue")
+                       == click.core.ParameterSource.DEFAULT else queue)
+        with friendly_errors():
+            resolved = resolve(redis_url, given_queue, state_dir)
+        redis_url, queue, state_dir = resolved.redis, resolved.queue, resolved.state_dir
     ctx.obj = Ctx(redis_url, queue, state_dir)
 
 
@@ -125,6 +143,7 @@ _TASK_FLAGS: list[Callable[[F], F]] = [
     click.option("--name", help="Task name."),
     click.option("--priority", "-p", type=int, help="Higher runs first (-999..999)."),
     click.option("--mem", help="Memory needed, e.g. 512M, 4G (bare number = GiB)."),
+    click.option("--mem-limit", help="Kill the task if it uses more memory than this."),
     click.option("--cpus", type=int, help="Cores needed (default 1)."),
     click.option("--gpus", type=int, help="GPUs needed (default 0)."),
     click.option("--timeout", help="Kill after this long, e.g. 90s, 2h."),
@@ -202,8 +221,8 @@ def _quote(words: Sequence[str]) -> list[str]:
 
 def _flag_fields(flags: dict[str, Any], cmd: str) -> dict[str, Any]:
     fields: dict[str, Any] = {"cmd": cmd}
-    for key in ("name", "priority", "mem", "cpus", "gpus", "timeout", "retries", "retry_delay",
-                "cwd"):
+    for key in ("name", "priority", "mem", "mem_limit", "cpus", "gpus", "timeout", "retries",
+                "retry_delay", "cwd"):
         if flags.get(key) is not None:
             fields[key] = flags[key]
     if flags.get("env"):
@@ -234,6 +253,28 @@ def _worker_options(func: F) -> F:
                      help="Heartbeat / lease renewal interval."),
         click.option("--lease", default="30s", show_default=True,
                      help="Lease length; a silent worker's tasks are requeued after it."),
+        click.option("--reserve", help="Memory kept back for the system (default: none "
+                                        "with --memory, else 5% of the node)."),
+        click.option("--low-water", help="Preempt tasks when free memory falls below this "
+                                          "(default: 10% of capacity, at most 2G)."),
+        click.option("--high-water", help="Start tasks only while this stays free "
+                                           "(default: 20% of capacity, at most 4G)."),
+        click.option("--victim-policy", type=click.Choice(sorted(VICTIM_POLICIES)),
+                     default="youngest", show_default=True,
+                     help="Which task the memory guard preempts first."),
+        click.option("--max-preempts", type=int, default=5, show_default=True,
+                     help="Preemptions after which a task fails instead."),
+        click.option("--admission", type=click.Choice(["growth", "instant"]),
+                     default="growth", show_default=True,
+                     help="growth: project running tasks' memory (slope, job profiles) "
+                          "before starting more; instant: only the headroom now."),
+        click.option("--horizon", default="30s", show_default=True,
+                     help="How far ahead growth-aware admission projects memory."),
+        click.option("--pin", is_flag=True,
+                     help="Give each task its own cores (as many as its cpus)."),
+        click.option("--probation", default="1s", show_default=True,
+                     help="Watch the first task of a new job this long before starting "
+                          "more of it (0 to trust declared memory)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -242,7 +283,10 @@ def _worker_options(func: F) -> F:
 
 def _worker_config(ctx: Ctx, name: str | None, cpus: int | None, memory: str | None,
                    gpus: str | None, max_tasks: int | None, log_dir: str | None,
-                   heartbeat: str, lease: str) -> WorkerConfig:
+                   heartbeat: str, lease: str, reserve: str | None, low_water: str | None,
+                   high_water: str | None, victim_policy: str,
+                   max_preempts: int, admission: str, horizon: str, pin: bool,
+                   probation: str) -> WorkerConfig:
     hb = parse_duration(heartbeat, "heartbeat")
     lease_s = parse_duration(lease, "lease")
     if lease_s < 2 * hb:
@@ -257,6 +301,15 @@ def _worker_config(ctx: Ctx, name: str | None, cpus: int | None, memory: str | N
         state_dir=state_dir_path(ctx.state_dir),
         heartbeat=hb,
         lease=lease_s,
+        reserve=parse_size(reserve, "reserve") if reserve else None,
+        low_water=parse_size(low_water, "low-water") if low_water else None,
+        high_water=parse_size(high_water, "high-water") if high_water else None,
+        victim_policy=victim_policy,
+        max_preempts=max_preempts,
+        probation=parse_duration(probation, "probation"),
+        horizon=parse_duration(horizon, "horizon"),
+        growth_aware=admission == "growth",
+        pin=pin,
     )
 
 
@@ -543,43 +596,350 @@ def cancel(ctx: Ctx, ids: tuple[str, ...]) -> None:
 
 @main.group()
 def server() -> None:
-    """The embedded Redis server in the state directory."""
+    """The Redis server distcomp manages in the state directory.
+
+    Without --bind/--port: the embedded server (unix socket only, for this
+    machine). With them: a head-node server other machines can reach, with a
+    password (generated if not given), optional TLS and an ACL user.
+    """
 
 
 @server.command("start")
+@click.option("--bind", metavar="ADDR",
+              help="Head-node server: listen on these addresses (e.g. 0.0.0.0, or "
+                   "'10.0.0.1 127.0.0.1'). Beyond loopback a password is required.")
+@click.option("--port", type=click.IntRange(1, 65535),
+              help="Head-node server: TCP (or TLS) port. Default 6379.")
+@click.option("--password", envvar="DISTCOMP_SERVER_PASSWORD", metavar="PW",
+              help="Password of the default user (env DISTCOMP_SERVER_PASSWORD). Default: "
+                   "the stored one, else a generated one, kept 0600 in STATE_DIR/head.")
+@click.option("--password-file", type=click.Path(exists=True, dir_okay=False),
+              help="Read the password from this file (keeps it off the command line).")
+@click.option("--no-password", is_flag=True,
+              help="No password at all; refused unless every --bind address is loopback.")
+@click.option("--data-dir", type=click.Path(file_okay=False),
+              help="Where the AOF lives. Default: STATE_DIR/head/data.")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False),
+              help="Serve TLS only (rediss://) with this certificate (PEM).")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False),
+              help="Private key of --tls-cert (PEM).")
+@click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False),
+              help="CA that signed --tls-cert; put into the URL so clients verify the server.")
+@click.option("--user", "acl_user", metavar="NAME",
+              help="Also create an ACL user limited to distcomp's keys and channels (its "
+                   "password is generated); `server url` then gives workers this user.")
+@click.option("--advertise", metavar="HOST",
+              help="Host name workers use to reach this server (default: from --bind, "
+                   "else this machine's hostname).")
+@click.option("--foreground", is_flag=True,
+              help="Head-node server: run in the foreground (systemd, Slurm, containers).")
 @click.option("--appendfsync", type=click.Choice(["everysec", "always"]), default="everysec",
               show_default=True, help="AOF fsync policy ('always' loses nothing on power loss).")
 @pass_ctx
-def server_start(ctx: Ctx, appendfsync: str) -> None:
-    """Start the embedded server (a no-op if it runs); prints its URL."""
+def server_start(ctx: Ctx, bind: str | None, port: int | None, password: str | None,
+                 password_file: str | None, no_password: bool, data_dir: str | None,
+                 tls_cert: str | None, tls_key: str | None, tls_ca: str | None,
+                 acl_user: str | None, advertise: str | None, foreground: bool,
+                 appendfsync: str) -> None:
+    """Start the server (a no-op if it runs); prints its URL (password masked).
+
+    \b
+      distcomp server start                          # embedded, this machine only
+      distcomp server start --bind 0.0.0.0           # head node, password generated
+      distcomp server url --show-password            # the URL for workers
+    """
+    # Imported here so this section stays self-contained within cli.py.
+    from .server import HeadServer, HeadSettings, exec_head, start_head, stored_or_new_password
+
+    head_mode = any(v is not None for v in (bind, port, tls_cert, tls_key, tls_ca))
+    head_only = [flag for flag, value in (
+        ("--password", password), ("--password-file", password_file),
+        ("--no-password", no_password), ("--data-dir", data_dir), ("--user", acl_user),
+        ("--advertise", advertise), ("--foreground", foreground)) if value]
+    if not head_mode:
+        if head_only:
+            fail(f"{', '.join(head_only)} configure the head-node server: add --bind ADDR "
+                 "(and --port); the embedded server listens on a unix socket only",
+                 EXIT_BAD_INPUT)
+        with friendly_errors():
+            url = ensure_embedded(ctx.state_dir, appendfsync=appendfsync)
+        console.print(url)
+        return
+    if no_password and (password or password_file):
+        fail("--no-password contradicts --password/--password-file", EXIT_BAD_INPUT)
     with friendly_errors():
-        url = ensure_embedded(ctx.state_dir, appendfsync=appendfsync)
-    console.print(url)
+        if password_file:
+            password = Path(password_file).read_text().strip()
+        if not password and not no_password:
+            password = stored_or_new_password(ctx.state_dir)
+        settings = HeadSettings(
+            bind=bind or "127.0.0.1", port=port or 6379, password=password or None,
+            data_dir=Path(data_dir) if data_dir else None,
+            tls_cert=Path(tls_cert) if tls_cert else None,
+            tls_key=Path(tls_key) if tls_key else None,
+            tls_ca=Path(tls_ca) if tls_ca else None, user=acl_user, advertise=advertise,
+            appendfsync=appendfsync)
+
+        def announce(head: HeadServer) -> None:
+            err_console.print(f"head-node server in the foreground: {head.url()}; "
+                              "`distcomp server url --show-password` prints the full URL")
+
+        if foreground:
+            exec_head(ctx.state_dir, settings, announce)
+        head, started = start_head(ctx.state_dir, settings)
+    console.print(head.url(), soft_wrap=True)
+    err_console.print(
+        f"{'started' if started else 'already running'}: head-node server on "
+        f"{head.bind} port {head.port}{' (TLS)' if head.tls else ''}, Redis {head.version}. "
+        "Workers and submitters need the full URL: `distcomp server url --show-password`"
+        + ("" if head.password else "; no password: loopback only"))
 
 
 @server.command("stop")
 @pass_ctx
 def server_stop(ctx: Ctx) -> None:
-    """Stop the embedded server (its AOF keeps every acknowledged task)."""
+    """Stop the head-node server and the embedded one (their AOF keeps every task)."""
+    from .server import load_head, stop_head
+
     with friendly_errors():
+        head = load_head(ctx.state_dir)
+        head_stopped = stop_head(ctx.state_dir) if head is not None else False
         stopped = stop_embedded(ctx.state_dir)
-    console.print("stopped" if stopped else "not running")
+    if head is None:
+        console.print("stopped" if stopped else "not running")
+        return
+    console.print(f"{'stopped' if head_stopped else 'not running'}: head-node server "
+                  f"{head.url()}", soft_wrap=True)
+    if stopped:
+        console.print("stopped: embedded server")
 
 
 @server.command("status")
 @json_option
 @pass_ctx
 def server_status(ctx: Ctx, as_json: bool) -> None:
-    """Is the embedded server running, and where."""
+    """Is the server running, and where (passwords masked). Exit 3 if not running."""
+    from .server import load_head
+
     paths = embedded_paths(ctx.state_dir)
     running = embedded_running(ctx.state_dir)
+    with friendly_errors():
+        head = load_head(ctx.state_dir)
+    if head is None:
+        if as_json:
+            console.print_json(json.dumps({"running": running, "url": paths.url,
+                                           "state_dir": str(paths.state_dir)}))
+        else:
+            console.print(f"{'running' if running else 'not running'}: {paths.url}")
+        if not running:
+            sys.exit(EXIT_UNREACHABLE)
+        return
+    head_running = head.running()
+    info = head.describe()
     if as_json:
-        console.print_json(json.dumps({"running": running, "url": paths.url,
-                                       "state_dir": str(paths.state_dir)}))
+        console.print_json(json.dumps({
+            "running": head_running, "url": info["url"], "state_dir": str(paths.state_dir),
+            "head": {**info, "running": head_running},
+            "embedded": {"running": running, "url": paths.url}}))
     else:
-        console.print(f"{'running' if running else 'not running'}: {paths.url}")
-    if not running:
+        console.print(f"{'running' if head_running else 'not running'}: head-node server "
+                      f"{info['url']}", soft_wrap=True)
+        console.print(f"  bind {head.bind}, port {head.port}, TLS {'on' if head.tls else 'off'}"
+                      f", ACL user {head.user or '-'}, Redis {head.version or '?'}"
+                      f"{', pid ' + str(info['pid']) if head_running and info['pid'] else ''}")
+        console.print(f"  data {head.data_dir}; log {info['log']}", soft_wrap=True)
+        if running:
+            console.print(f"running: embedded server {paths.url}", soft_wrap=True)
+    if not head_running:
         sys.exit(EXIT_UNREACHABLE)
+
+
+@server.command("url")
+@click.option("--show-password", is_flag=True, help="Print the password instead of ****.")
+@click.option("--admin", is_flag=True,
+              help="The default (admin) user's URL even when an ACL user exists.")
+@click.option("--host", metavar="HOST", help="Host name to put in the URL.")
+@pass_ctx
+def server_url(ctx: Ctx, show_password: bool, admin: bool, host: str | None) -> None:
+    """The URL workers and submitters should use (password masked unless asked).
+
+    \b
+      export DISTCOMP_REDIS=$(distcomp server url --show-password)
+    """
+    from .config import mask_url
+    from .server import load_head
+
+    with friendly_errors():
+        head = load_head(ctx.state_dir)
+    if head is not None:
+        console.print(head.url(host=host, show_password=show_password, admin=admin),
+                      soft_wrap=True)
+    elif ctx.redis_url:
+        console.print(ctx.redis_url if show_password else mask_url(ctx.redis_url),
+                      soft_wrap=True)
+    else:
+        console.print(embedded_paths(ctx.state_dir).url, soft_wrap=True)
+        err_console.print("this is the embedded server: reachable from this machine only. "
+                          "For other machines: distcomp server start --bind ADDR")
+
+
+# -- many hosts: up / down -------------------------------------------------------
+
+_SSH_FLAGS: list[Callable[[F], F]] = [
+    click.option("--ssh-option", "ssh_options", multiple=True, metavar="OPT",
+                 help="Extra `ssh -o` option (repeatable), e.g. IdentityFile=~/.ssh/lab."),
+    click.option("--connect-timeout", type=click.IntRange(1, 600), default=10,
+                 show_default=True, help="Seconds to wait for each host's SSH connection."),
+    click.option("--remote-dir", metavar="DIR",
+                 help="On each host: pidfiles and logs (DIR/up/NAME.log) and task logs. "
+                      "Default ~/.distcomp (relative paths: from the remote home)."),
+    json_option,
+]
+
+
+def ssh_flags(func: F) -> F:
+    for option in reversed(_SSH_FLAGS):
+        func = option(func)
+    return func
+
+
+def _cluster_url(ctx: Ctx) -> str:
+    """The URL remote workers get: --redis / env / distcomp.toml, else this state
+    directory's head-node server (with its password)."""
+    from .server import load_head
+
+    url = ctx.redis_url
+    if not url:
+        head = load_head(ctx.state_dir)
+        if head is not None:
+            url = head.url(show_password=True)
+    if not url:
+        fail("distcomp up needs a Redis server the hosts can reach: start one here with "
+             "`distcomp server start --bind 0.0.0.0`, or pass --redis URL (or set "
+             "DISTCOMP_REDIS / distcomp.toml)", EXIT_BAD_INPUT)
+    if url.startswith("unix:"):
+        fail(f"{url} is a unix socket, which other hosts cannot reach: start a head-node "
+             "server (distcomp server start --bind ADDR) and use its URL", EXIT_BAD_INPUT)
+    return url
+
+
+def _host_results(results: Sequence[Any], as_json: bool, title: str) -> None:
+    if as_json:
+        console.print_json(json.dumps([
+            {"host": r.host.label, "ok": r.ok, "status": r.status, "workers": r.workers,
+             "detail": r.detail, "version": r.version} for r in results]))
+    else:
+        table = Table("host", "workers", "status", "detail", title=title)
+        for r in results:
+            table.add_row(Text(r.host.label), Text(", ".join(r.workers) or "-"),
+                          Text(r.status, style="green" if r.ok else "bold red"),
+                          Text(r.detail))
+        console.print(table)
+    failed = [r for r in results if not r.ok]
+    if failed:
+        err_console.print(f"{len(failed)} of {len(results)} hosts failed")
+        sys.exit(EXIT_FAILED)
+
+
+@main.command()
+@click.option("--hosts", "hosts_file", required=True, type=click.Path(dir_okay=False),
+              help="Host file: one [user@]host[:port] per line, then optional workers=N "
+                   "memory=16G cpus=8 gpus=0,1 python=PATH name=NAME; # comments.")
+@click.option("--python", default="python3", show_default=True,
+              help="Python with distcomp installed on the hosts (e.g. a venv on a shared "
+                   "file system); python= in the host file wins.")
+@click.option("--workers-per-host", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Workers per host (named HOST-1, HOST-2...); give each --cpus/--memory.")
+@click.option("--memory", help="--memory for each worker, e.g. 16G (default: the host's).")
+@click.option("--cpus", type=click.IntRange(1), help="--cpus for each worker.")
+@click.option("--gpus", help="--gpus for each worker, e.g. 0,1.")
+@click.option("--cwd", "work_dir", metavar="DIR",
+              help="Working directory of the workers and their tasks (default: the remote "
+                   "home; on a shared file system, e.g. --cwd \"$PWD\").")
+@click.option("--worker-arg", "worker_args", multiple=True, metavar="ARG",
+              help="Extra argument for `distcomp worker` (repeatable), e.g. "
+                   "--worker-arg=--heartbeat=2s.")
+@click.option("--wait", "register_wait", default="30s", show_default=True,
+              help="How long to wait for started workers to register with Redis.")
+@ssh_flags
+@pass_ctx
+def up(ctx: Ctx, /, hosts_file: str, python: str, workers_per_host: int, memory: str | None,
+       cpus: int | None, gpus: str | None, work_dir: str | None, worker_args: tuple[str, ...],
+       register_wait: str, ssh_options: tuple[str, ...], connect_timeout: int,
+       remote_dir: str | None, as_json: bool) -> None:
+    """Start workers on every host of a host file over SSH, in parallel.
+
+    Idempotent: a worker already running on a host is left alone, so run it
+    again after adding hosts. Workers are detached (they survive the SSH
+    session) and log to REMOTE_DIR/up/NAME.log on their host. Exits 1 if
+    any host failed; the table says why.
+    """
+    from .cluster import DEFAULT_REMOTE_DIR, UpOptions, remember_up
+    from .cluster import up as cluster_up
+    from .hostfile import read_hosts
+
+    with friendly_errors():
+        hosts = read_hosts(hosts_file)
+        if memory:
+            parse_size(memory, "memory")
+        if gpus:
+            parse_gpu_list(gpus)
+        url = _cluster_url(ctx)
+        client = Client(url, ctx.queue, ctx.state_dir)
+        client.store.ping()  # no point starting workers that cannot reach Redis
+        options = UpOptions(
+            redis_url=url, queue=ctx.queue, python=python, workers_per_host=workers_per_host,
+            memory=memory, cpus=cpus, gpus=gpus, remote_dir=remote_dir or DEFAULT_REMOTE_DIR,
+            cwd=work_dir, ssh_options=list(ssh_options), connect_timeout=connect_timeout,
+            worker_args=list(worker_args),
+            register_timeout=parse_duration(register_wait, "wait"))
+        results = cluster_up(hosts, options, workers=client.workers)
+        remember_up(state_dir_path(ctx.state_dir), results, options)
+    _host_results(results, as_json, f"distcomp up: queue {ctx.queue}")
+
+
+@main.command()
+@click.option("--hosts", "hosts_file", type=click.Path(dir_okay=False),
+              help="Host file (default: the hosts `distcomp up` started from this state dir).")
+@click.option("--drain", is_flag=True,
+              help="Let running tasks finish first (SIGUSR1) instead of requeuing them "
+                   "(SIGTERM).")
+@click.option("--wait", "wait_for", default=None,
+              help="How long to wait for workers to exit (default 30s; 0 with --drain).")
+@click.option("--workers-per-host", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="As given to `up` (host file workers= wins).")
+@ssh_flags
+@pass_ctx
+def down(ctx: Ctx, /, hosts_file: str | None, drain: bool, wait_for: str | None,
+         workers_per_host: int, ssh_options: tuple[str, ...], connect_timeout: int,
+         remote_dir: str | None, as_json: bool) -> None:
+    """Stop the workers `distcomp up` started.
+
+    SIGTERM: each worker stops its running tasks and puts them back in the
+    queue. --drain: each worker finishes its running tasks, then exits.
+    """
+    from .cluster import DEFAULT_REMOTE_DIR, forget_down, load_record
+    from .cluster import down as cluster_down
+    from .hostfile import Host, read_hosts
+
+    state = state_dir_path(ctx.state_dir)
+    with friendly_errors():
+        record = load_record(state)
+        if hosts_file:
+            hosts = read_hosts(hosts_file)
+        else:
+            hosts = [Host.from_dict(h) for h in record.get("hosts", [])]
+            if not hosts:
+                fail(f"no hosts recorded in {state} by `distcomp up`: pass --hosts FILE",
+                     EXIT_BAD_INPUT)
+        wait = parse_duration(wait_for, "wait") if wait_for else (0.0 if drain else 30.0)
+        results = cluster_down(
+            hosts, remote_dir=remote_dir or record.get("remote_dir") or DEFAULT_REMOTE_DIR,
+            workers_per_host=workers_per_host,
+            ssh_options=list(ssh_options) or list(record.get("ssh_options", [])),
+            connect_timeout=connect_timeout, drain=drain, wait=wait)
+        forget_down(state, results)
+    _host_results(results, as_json, "distcomp down" + (" --drain" if drain else ""))
 
 
 # -- rendering helpers ---------------------------------------------------------

@@ -8,6 +8,7 @@ figure, the cgroup limit and what the user asked for.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ import psutil
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
+@functools.lru_cache(maxsize=1)
 def _own_cgroup_dirs() -> list[Path]:
     """Cgroup directories of this process, v2 unified first, then v1 memory/cpu."""
     dirs: list[Path] = []
@@ -131,3 +133,49 @@ def parse_gpu_list(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"cannot read GPU list {text!r}: use e.g. 0,1,3 or a count") from None
+
+
+def _cgroup_usage(directory: Path) -> int | None:
+    """Memory charged to a cgroup, less reclaimable page cache (as `docker stats` does)."""
+    usage = None
+    for name in ("memory.current", "memory.usage_in_bytes"):
+        with contextlib.suppress(OSError, ValueError):
+            usage = int((directory / name).read_text())
+            break
+    if usage is None:
+        return None
+    with contextlib.suppress(OSError, ValueError):
+        for line in (directory / "memory.stat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key in ("inactive_file", "total_inactive_file"):
+                usage -= int(value)
+                break
+    return max(0, usage)
+
+
+@functools.lru_cache(maxsize=1)
+def _limited_cgroups() -> tuple[Path, ...]:
+    """This process's cgroup and its ancestors that carry a memory limit (they do not
+    change while the worker runs; looked up once)."""
+    found: list[Path] = []
+    for directory in _own_cgroup_dirs():
+        current = directory
+        while _CGROUP_ROOT in current.parents:
+            if any(_read_limit(current / n) is not None
+                   for n in ("memory.max", "memory.limit_in_bytes")):
+                found.append(current)
+            current = current.parent
+    return tuple(found)
+
+
+def cgroup_memory_headroom() -> int | None:
+    """Limit minus usage of the tightest-limited cgroup this process is in, if any."""
+    best: int | None = None
+    for directory in _limited_cgroups():
+        for name in ("memory.max", "memory.limit_in_bytes"):
+            limit = _read_limit(directory / name)
+            if limit is not None:
+                usage = _cgroup_usage(directory)
+                if usage is not None and (best is None or limit - usage < best):
+                    best = limit - usage
+    return best

@@ -110,6 +110,7 @@ class TaskProcess:
     parent_maxrss_kb: int = 0
     kill_reason: str = ""
     kill_sent_at: float | None = None
+    kill_grace: float | None = None
     #: A pidfd the worker's selector waits on, so a task's end wakes the loop at once.
     pidfd: int | None = None
     _psutil: psutil.Process | None = field(default=None, repr=False)
@@ -170,14 +171,18 @@ class TaskProcess:
         self.peak_rss = max(self.peak_rss, total)
         return total
 
-    def terminate(self, reason: str) -> None:
-        """SIGTERM the whole group now; :meth:`escalate` sends SIGKILL after the grace."""
+    def terminate(self, reason: str, grace: float | None = None) -> None:
+        """SIGTERM the whole group now; :meth:`escalate` sends SIGKILL after the grace
+        (``grace`` overrides the worker's, e.g. a short one when memory runs out)."""
         if self.kill_sent_at is None:
             self.kill_reason = reason
             self.kill_sent_at = time.monotonic()
+            self.kill_grace = grace
             _signal_group(self.pid, signal.SIGTERM)
 
     def escalate(self, grace: float) -> None:
+        if self.kill_grace is not None:
+            grace = min(grace, self.kill_grace)
         if self.kill_sent_at is not None and time.monotonic() - self.kill_sent_at >= grace:
             _signal_group(self.pid, signal.SIGKILL)
 
@@ -213,16 +218,26 @@ class FoundTask:
 
 
 def find_tasks(tag: str) -> dict[Path, FoundTask]:
-    """Every live task wrapper started with ``tag``, by status file path."""
+    """Every live task wrapper started with ``tag``, by status file path.
+
+    Subshells the command forks (``$(...)``) carry the wrapper's command line too;
+    only the wrapper leads its process group, so only it is taken."""
     marker = TASK_TAG_PREFIX + tag
     found: dict[Path, FoundTask] = {}
     for proc in psutil.process_iter(["cmdline", "create_time"]):
         cmd = proc.info.get("cmdline") or []
-        if len(cmd) >= 8 and cmd[0] == "/bin/sh" and cmd[3] == marker:
+        if len(cmd) >= 8 and cmd[0] == "/bin/sh" and cmd[3] == marker and _leads_group(proc.pid):
             status = Path(cmd[5])
             found[status] = FoundTask(proc.pid, proc.info["create_time"], status,
                                       Path(cmd[6]), Path(cmd[7]))
     return found
+
+
+def _leads_group(pid: int) -> bool:
+    try:
+        return os.getpgid(pid) == pid
+    except OSError:
+        return False
 
 
 def log_paths(log_dir: Path, task_id: str, attempt: int) -> tuple[Path, Path, Path]:
@@ -285,14 +300,15 @@ def task_environment(spec: TaskSpec, task_id: str, attempt: int, gpus: list[int]
         "DISTCOMP_ATTEMPT": str(attempt),
         "DISTCOMP_CPUS": threads,
     })
-    env.setdefault("OMP_NUM_THREADS", threads)
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env.setdefault(name, threads)
     if gpus or spec.gpus:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
     return env
 
 
 def start(spec: TaskSpec, task_id: str, attempt: int, log_dir: Path, *, tag: str,
-          gpus: list[int] | None = None) -> TaskProcess:
+          gpus: list[int] | None = None, cores: list[int] | None = None) -> TaskProcess:
     """Start the task in its own session; the wrapper opens its log files, so the
     worker's loop does no per-task file I/O. ``log_dir`` must be absolute."""
     out_path, err_path, status_path = log_paths(log_dir, task_id, attempt)
@@ -321,6 +337,8 @@ def start(spec: TaskSpec, task_id: str, attempt: int, log_dir: Path, *, tag: str
             env=task_environment(spec, task_id, attempt, gpus or []),
             start_new_session=True,
             close_fds=True,
+            # Only when pinning: a preexec function costs the fast vfork path.
+            preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None,
         )
     except OSError as exc:
         raise LaunchError(f"cannot start the task: {exc}") from exc

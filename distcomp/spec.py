@@ -158,6 +158,8 @@ class TaskSpec:
     name: str | None = None
     priority: int = 0
     mem: int = 0
+    #: Hard per-task memory limit: the task is killed (and fails) above it.
+    mem_limit: int | None = None
     cpus: int = 1
     gpus: int = 0
     timeout: float | None = None
@@ -183,6 +185,8 @@ class TaskSpec:
         if "\x00" in self.cmd:
             raise FieldError("cmd", "the command contains a NUL byte")
         check_int(self.mem, "mem", 0)
+        if self.mem_limit is not None:
+            check_int(self.mem_limit, "mem_limit", 1)
         check_int(self.cpus, "cpus", 0, 4096)
         check_int(self.gpus, "gpus", 0, 1024)
         if self.timeout is not None and not self.timeout > 0:
@@ -211,6 +215,8 @@ class TaskSpec:
             out["priority"] = self.priority
         if self.mem:
             out["mem"] = self.mem
+        if self.mem_limit is not None:
+            out["mem_limit"] = self.mem_limit
         if self.cpus != 1:
             out["cpus"] = self.cpus
         if self.gpus:
@@ -242,6 +248,7 @@ class TaskSpec:
             name=data.get("name"),
             priority=data.get("priority", 0),
             mem=data.get("mem", 0),
+            mem_limit=data.get("mem_limit"),
             cpus=data.get("cpus", 1),
             gpus=data.get("gpus", 0),
             timeout=data.get("timeout"),

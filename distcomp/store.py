@@ -113,6 +113,9 @@ class Claim:
     token: str
     attempt: int
     spec: TaskSpec
+    #: The current memory requirement: the declared one, or what the memory guard
+    #: learned the task needs after preempting it.
+    mem: int = 0
 
     @property
     def job_id(self) -> str:
@@ -145,11 +148,11 @@ class JobInfo:
         return self.counts.get("queued", 0) == 0 and self.counts.get("running", 0) == 0
 
 
-def _connect(url: str) -> redis.Redis:
+def _connect(url: str, socket_timeout: float) -> redis.Redis:
     return redis.Redis.from_url(
         url,
         decode_responses=True,
-        socket_timeout=30,
+        socket_timeout=socket_timeout,
         socket_connect_timeout=5,
         health_check_interval=30,
     )
@@ -174,7 +177,10 @@ def _as_int(value: Any, default: int = 0) -> int:
 class Store:
     """One queue on one Redis server."""
 
-    def __init__(self, url: str, queue: str = "default") -> None:
+    def __init__(self, url: str, queue: str = "default", *, socket_timeout: float = 30.0
+                 ) -> None:
+        """``socket_timeout`` bounds every call: a worker uses a short one so that a
+        network black hole cannot stall its loop (and its heartbeat file)."""
         if not _QUEUE_NAME_RE.match(queue):
             raise ValueError(
                 f"invalid queue name {queue!r}: use 1-64 letters, digits, '.', '_' or '-'"
@@ -182,7 +188,7 @@ class Store:
         self.url = url
         self.queue = queue
         self.prefix = f"dc:{{{queue}}}:"
-        self.redis = _connect(url)
+        self.redis = _connect(url, socket_timeout)
         self._scripts = _load_scripts(self.redis)
         self._server_started: int | None = None
 
@@ -257,8 +263,9 @@ class Store:
                       secrets.token_hex(4)]
         )
         return [
-            Claim(out[i], out[i + 1], int(out[i + 2]), TaskSpec.from_json(out[i + 3]))
-            for i in range(0, len(out), 4)
+            Claim(out[i], out[i + 1], int(out[i + 2]), TaskSpec.from_json(out[i + 3]),
+                  int(out[i + 4]))
+            for i in range(0, len(out), 5)
         ]
 
     def renew(
@@ -289,12 +296,18 @@ class Store:
     def requeue(
         self, task_id: str, token: str, reason: str, *, counter: str = "",
         new_mem: int | None = None, cpus: int = 1, gpus: int = 0,
-    ) -> bool:
+        max_count: int | None = None, no_fit_reason: str = "",
+    ) -> str:
+        """Give a running task back. Returns "requeued", "failed" (the counter passed
+        ``max_count``, or no live worker has ``new_mem`` and ``no_fit_reason`` was
+        given) or "stale"."""
         new_shape = "" if new_mem is None else shape_of(new_mem, cpus, gpus)
-        return bool(self._run(
+        code = int(self._run(
             "requeue",
-            [task_id, token, reason, counter, "" if new_mem is None else new_mem, new_shape],
+            [task_id, token, reason, counter, "" if new_mem is None else new_mem, new_shape,
+             "" if max_count is None else max_count, no_fit_reason],
         ))
+        return {1: "requeued", 2: "failed", 0: "stale"}[code]
 
     def reap(self, *, lock_ms: int = 1000, max_lost: int = 5, batch: int = 1000) -> int:
         """Requeue tasks whose lease expired; -1 if another reaper is at it."""
@@ -309,8 +322,9 @@ class Store:
         out = self._run("register", [worker, instance, lease_ms, json.dumps(info), takeover,
                                      *_flatten(fields)])
         return [HeldLease(Claim(out[i], out[i + 1], int(out[i + 2]),
-                                TaskSpec.from_json(out[i + 3])), int(out[i + 4]) / 1000)
-                for i in range(1, len(out), 5)]
+                                TaskSpec.from_json(out[i + 3]), int(out[i + 4])),
+                          int(out[i + 5]) / 1000)
+                for i in range(1, len(out), 6)]
 
     def deregister_worker(self, worker: str, instance: str) -> int:
         return int(self._run("deregister", [worker, instance]))

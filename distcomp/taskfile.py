@@ -81,6 +81,7 @@ _HINTS: dict[str, str] = {
     "type": "write 'shell'",
     "priority": f"write a whole number from {PRIORITY_MIN} to {PRIORITY_MAX}; higher runs first",
     "mem": "write a number of GiB (2, 0.5) or a size with a unit (512M, 4G)",
+    "mem_limit": "write a size like 2G; the task is killed if it uses more",
     "cpus": "write a whole number of CPUs from 0 to 4096",
     "gpus": "write a whole number of GPUs from 0 to 1024",
     "timeout": "write seconds (90) or a duration (90s, 5m, 2h), or leave it out for none",
@@ -204,6 +205,13 @@ def _field_mem(value: Any) -> int:
     return _guard("mem", lambda: parse_size(value, "mem"))
 
 
+def _field_mem_limit(value: Any) -> int:
+    limit = _guard("mem_limit", lambda: parse_size(value, "mem_limit"))
+    if limit <= 0:
+        raise FieldError("mem_limit", f"must be a positive size, got {value!r}")
+    return limit
+
+
 def _field_timeout(value: Any) -> float:
     seconds = _guard("timeout", lambda: parse_duration(value, "timeout"))
     if not math.isfinite(seconds) or seconds <= 0:
@@ -276,6 +284,7 @@ _FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "type": ("kind", _field_kind),
     "priority": ("priority", _field_int("priority", PRIORITY_MIN, PRIORITY_MAX)),
     "mem": ("mem", _field_mem),
+    "mem_limit": ("mem_limit", _field_mem_limit),
     "cpus": ("cpus", _field_int("cpus", 0, 4096)),
     "gpus": ("gpus", _field_int("gpus", 0, 1024)),
     "timeout": ("timeout", _field_timeout),

@@ -36,7 +36,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -44,10 +44,10 @@ from typing import Any
 import psutil
 import redis
 
-from . import runner
+from . import memory, runner
 from .heartbeat import HeartbeatFile
 from .resources import detect_cpus, detect_gpus, detect_memory
-from .spec import TaskSpec
+from .spec import GIB, MIB, TaskSpec, format_size
 from .store import Claim, HeldLease, NameTakenError, NotOwnerError, Store
 
 log = logging.getLogger("distcomp.worker")
@@ -69,7 +69,28 @@ class WorkerConfig:
     heartbeat: float = 5.0
     lease: float = 30.0
     kill_grace: float = 5.0
-    sample_interval: float = 1.0
+    #: How often task memory is sampled and the memory guard looks at headroom.
+    sample_interval: float = 0.5
+    #: Memory kept back for the system and the worker itself (default: none when
+    #: --memory is given, else 5 % of the node, 256 MiB to 2 GiB).
+    reserve: int | None = None
+    #: Below ``low_water`` bytes of headroom the guard preempts; tasks are admitted
+    #: only while ``high_water`` stays free (defaults: memory.Watermarks.default).
+    low_water: int | None = None
+    high_water: int | None = None
+    victim_policy: str = "youngest"
+    #: Seconds ahead the growth-aware admission projects running tasks' memory.
+    horizon: float = 30.0
+    #: Preemptions after which a task fails instead of going back to the queue.
+    max_preempts: int = 5
+    #: While the first task of a job not yet profiled is younger than this (and its
+    #: growth not yet measured), nothing else starts (0: trust declared memory).
+    probation: float = 1.0
+    #: Growth-aware admission (projection + job profiles + probation); False admits
+    #: on the instantaneous headroom alone.
+    growth_aware: bool = True
+    #: Give each task its own cores (sched_setaffinity), as many as it asked for.
+    pin: bool = False
     tail_bytes: int = runner.DEFAULT_TAIL_BYTES
     drain: bool = False
     #: Stop (and abandon) running tasks once cut off from Redis for longer than the
@@ -90,6 +111,22 @@ class Running:
     requeue_reason: str = ""
     #: Our lease is gone (cancelled or taken over): stop it and report nothing.
     abandoned: bool = False
+    #: Cores the task is pinned to (--pin), else empty.
+    cores: list[int] = field(default_factory=list)
+    #: Measured memory (sampled), for the guard and the results.
+    usage: memory.Usage = field(default_factory=memory.Usage)
+    #: The memory guard is stopping it; ``alone``: it does not fit this node at all.
+    preempted: bool = False
+    alone: bool = False
+
+    def candidate(self) -> memory.Candidate:
+        return memory.Candidate(self.claim.task_id, self.claim.job_id, self.proc.started,
+                                self.mem, self.usage, learned=self.mem > self.claim.spec.mem)
+
+    @property
+    def mem(self) -> int:
+        """The requirement the budget counts: declared, or learned by the guard."""
+        return max(self.claim.mem, self.claim.spec.mem)
 
 
 @dataclass
@@ -99,17 +136,22 @@ class Stats:
     requeued: int = 0
     stale: int = 0
     started: int = 0
+    preempted: int = 0
 
 
 @dataclass
 class _Report:
-    kind: str  # complete | fail | requeue
+    kind: str  # complete | fail | requeue | preempt
     task_id: str
     token: str
     result: dict[str, Any]
     reason: str = ""
     status_path: Path | None = None
     spec: TaskSpec | None = None
+    # preemptions: observed peak, whether it ran alone, and its requirement then
+    peak: int = 0
+    alone: bool = False
+    mem: int = 0
 
 
 @dataclass
@@ -122,14 +164,26 @@ class _Timers:
 
 class Worker:
     def __init__(self, store: Store, config: WorkerConfig) -> None:
-        self.store = store
+        # Our own connection, with calls bounded well below the lease.
+        self.store = Store(store.url, store.queue,
+                           socket_timeout=max(1.0, min(5.0, config.heartbeat)))
         self.config = config
         self.host = socket.gethostname()
         self.instance = uuid.uuid4().hex
         self.name = config.name or self.host
         self.cpus = config.cpus if config.cpus is not None else detect_cpus()
-        self.memory = detect_memory(config.memory)
+        self.memory = detect_memory(config.memory) - self._reserve(config)
+        defaults = memory.Watermarks.default(self.memory)
+        self.guard = memory.Guard(
+            self.memory,
+            memory.Watermarks(low=config.low_water if config.low_water is not None
+                              else defaults.low,
+                              high=config.high_water if config.high_water is not None
+                              else defaults.high),
+            config.victim_policy, config.horizon, config.probation, config.growth_aware)
+        self.oom_kills_seen = memory.oom_kills()
         self.gpus = list(config.gpus) if config.gpus is not None else detect_gpus()
+        self.cores = sorted(os.sched_getaffinity(0))[: self.cpus]
         self.running: dict[str, Running] = {}
         self.outbox: deque[_Report] = deque()
         self.stats = Stats()
@@ -169,8 +223,13 @@ class Worker:
                         "stopping now" if self.stopping else "stopping")
             self.request_stop()
 
+        def drain(signum: int, frame: FrameType | None) -> None:
+            log.warning("received SIGUSR1: finishing running tasks, then stopping")
+            self.request_stop(drain=True)
+
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGUSR1, drain)
 
     def register(self) -> list[HeldLease]:
         """Take our name; a defaulted name moves to ``host-2``, ``host-3``... if held by a
@@ -190,6 +249,15 @@ class Worker:
                     raise
                 self.name = f"{base}-{index + 1}"
         raise NameTakenError(f"no free worker name based on {base}")  # pragma: no cover
+
+    @staticmethod
+    def _reserve(config: WorkerConfig) -> int:
+        if config.reserve is not None:
+            return config.reserve
+        if config.memory:
+            return 0  # the user chose the budget
+        total = detect_memory(None)
+        return min(max(total // 20, 256 * MIB), 2 * GIB)
 
     def _identity(self) -> str:
         """Worker names are unique per queue per Redis server; so is this tag, which
@@ -257,12 +325,22 @@ class Worker:
                 return  # the previous worker's guardian watches our heartbeat now
         except (OSError, ValueError, psutil.Error):
             pass
+        with contextlib.suppress(FileNotFoundError):
+            self.heartbeat.guardian_pidfile.unlink()
         self._guardian = subprocess.Popen(
             [sys.executable, "-m", "distcomp.guardian", str(self.heartbeat.directory),
              "--tag", self.tag, "--lease", str(self.config.lease),
              "--grace", str(self.config.kill_grace)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True)
+        # No task may start before someone is watching for our death.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and self._guardian.poll() is None:
+            with contextlib.suppress(OSError, ValueError):
+                if int(self.heartbeat.guardian_pidfile.read_text()) == self._guardian.pid:
+                    return
+            time.sleep(0.01)
+        log.warning("the guardian did not start; orphans of a crash would not be stopped")
 
     # -- the loop --------------------------------------------------------
     def _loop(self) -> None:
@@ -298,6 +376,8 @@ class Worker:
                 continue
             del self.running[tid]
             self._selector_forget(item)
+            item.usage.peak = max(item.usage.peak, outcome.peak_rss)
+            self.guard.observe(item.claim.job_id, item.usage)
             if item.abandoned:
                 self._forget(tid, item.proc.status_path)
                 continue
@@ -318,7 +398,30 @@ class Worker:
         if now >= self.timers.sample:
             self.timers.sample = now + self.config.sample_interval
             for item in self.running.values():
-                item.proc.sample_rss()
+                item.usage.add(now, item.proc.sample_rss())
+                limit = item.claim.spec.mem_limit
+                if limit and item.usage.current > limit and not item.proc.kill_sent_at:
+                    used = format_size(item.usage.current)
+                    item.proc.terminate(f"exceeded its memory limit ({used} > "
+                                        f"{format_size(limit)})")
+            self._guard_memory()
+
+    def _guard_memory(self) -> None:
+        """Below the low-water mark, preempt the policy's victims until what they use
+        would lift headroom back above it."""
+        for item in self.running.values():
+            if len(item.usage.samples) >= 2:
+                self.guard.observe(item.claim.job_id, item.usage)
+        live = [r for r in self.running.values() if not r.proc.kill_sent_at]
+        dying = sum(r.usage.current for r in self.running.values() if r.proc.kill_sent_at)
+        for verdict in self.guard.check([r.candidate() for r in live], dying):
+            item = self.running[verdict.task_id]
+            item.preempted, item.alone = True, verdict.alone
+            log.warning("memory low (%s free): preempting task %s (%s)",
+                        format_size(verdict.headroom), verdict.task_id,
+                        format_size(item.usage.current))
+            item.proc.terminate(f"preempted: memory low ({format_size(verdict.headroom)} free)",
+                                grace=min(1.0, self.config.kill_grace))
 
     def _flush_outbox(self) -> None:
         while self.outbox and self._redis_ok():
@@ -388,7 +491,14 @@ class Worker:
 
     def _claim_and_start(self) -> int:
         free_mem, free_cpus, free_gpus = self._free()
-        room = self.config.max_running - len(self.running)
+        # Declared budget AND measured headroom (less the high-water mark and what
+        # running tasks are projected to grow into) must both allow a task.
+        measured, fits = self.guard.admission([r.candidate() for r in self.running.values()],
+                                              time.monotonic())
+        if fits <= 0:
+            return 0
+        free_mem = min(free_mem, measured)
+        room = min(self.config.max_running - len(self.running), fits)
         if self.config.max_tasks is not None:
             room = min(room, self.config.max_tasks - self.stats.started)
         if room <= 0 or not self._redis_ok():
@@ -412,15 +522,19 @@ class Worker:
 
     def _start(self, claim: Claim, free_gpus: list[int]) -> None:
         gpus = [free_gpus.pop(0) for _ in range(min(claim.spec.gpus, len(free_gpus)))]
+        cores: list[int] = []
+        if self.config.pin:
+            taken = {c for r in self.running.values() for c in r.cores}
+            cores = [c for c in self.cores if c not in taken][:max(1, claim.spec.cpus)]
         self.stats.started += 1
         try:
             proc = runner.start(claim.spec, claim.task_id, claim.attempt, self.log_dir,
-                                tag=self.tag, gpus=gpus)
+                                tag=self.tag, gpus=gpus, cores=cores)
         except runner.LaunchError as exc:
             self.outbox.append(_Report("fail", claim.task_id, claim.token,
                                        {"host": self.host}, reason=str(exc), spec=claim.spec))
             return
-        item = Running(claim, proc, gpus)
+        item = Running(claim, proc, gpus, cores=cores)
         self.running[claim.task_id] = item
         self._selector_watch(item)
 
@@ -476,12 +590,13 @@ class Worker:
     # -- reports ---------------------------------------------------------
     def _report_for(self, item: Running, outcome: runner.Outcome) -> _Report:
         out_tail, err_tail = item.proc.tails(self.config.tail_bytes)
+        sig = outcome.signal
         result: dict[str, Any] = {
             "exit_code": "" if outcome.exit_code is None else outcome.exit_code,
-            "signal": "" if outcome.signal is None else signal.Signals(outcome.signal).name
-            if outcome.signal in signal.valid_signals() else outcome.signal,
+            "signal": "" if sig is None else
+            signal.Signals(sig).name if sig in signal.valid_signals() else sig,
             "wall": f"{outcome.wall:.3f}",
-            "peak_rss": outcome.peak_rss,
+            "peak_rss": max(outcome.peak_rss, item.usage.peak),
             "host": self.host,
             "out_tail": out_tail,
             "err_tail": err_tail,
@@ -490,20 +605,33 @@ class Worker:
             "started_wall": f"{item.proc.started_wall:.3f}",
         }
         tid, token, status = item.claim.task_id, item.claim.token, item.proc.status_path
+        spec = item.claim.spec
+        if item.preempted:
+            return _Report("preempt", tid, token, result, reason=outcome.reason,
+                           peak=int(result["peak_rss"]), alone=item.alone, mem=item.mem,
+                           status_path=status, spec=spec)
         if item.requeue_reason:
             return _Report("requeue", tid, token, result, reason=item.requeue_reason,
-                           status_path=status)
+                           status_path=status, spec=spec)
         if outcome.ok:
-            return _Report("complete", tid, token, result, status_path=status)
+            return _Report("complete", tid, token, result, status_path=status, spec=spec)
         if outcome.reason:
             reason = outcome.reason
-        elif outcome.signal is not None:
+        elif sig == signal.SIGKILL and self._kernel_oom_killed():
+            reason = "killed by the kernel OOM killer"
+        elif sig is not None:
             reason = f"killed by signal {result['signal']}"
         else:
             hint = _EXIT_HINTS.get(outcome.exit_code or 0, "")
             reason = f"exit code {outcome.exit_code}{hint}"
-        return _Report("fail", tid, token, result, reason=reason, status_path=status,
-                       spec=item.claim.spec)
+        return _Report("fail", tid, token, result, reason=reason, status_path=status, spec=spec)
+
+    def _kernel_oom_killed(self) -> bool:
+        """A SIGKILL we did not send, while the kernel's OOM-kill counter moved."""
+        now = memory.oom_kills()
+        moved = now > self.oom_kills_seen
+        self.oom_kills_seen = now
+        return moved
 
     def _forget(self, task_id: str, status_path: Path | None) -> None:
         """The report is in (or refused): the status file has served its purpose."""
@@ -532,16 +660,46 @@ class Worker:
                 self.stats.failed += 1
             else:
                 self.stats.requeued += 1
+        elif report.kind == "preempt":
+            self._apply_preemption(report)
         else:
-            if self.store.requeue(report.task_id, report.token, report.reason,
-                                  counter="releases"):
-                self.stats.requeued += 1
-            else:
-                self.stats.stale += 1
+            status = self.store.requeue(report.task_id, report.token, report.reason,
+                                        counter="releases")
+            self._count(status)
+
+    def _apply_preemption(self, report: _Report) -> None:
+        """Requeue with the learned requirement max(current, peak x 1.2), so it is next
+        placed where it fits. A task that was alone here needs more than this node has:
+        it goes back only if some live worker is big enough, else it fails."""
+        spec = report.spec
+        assert spec is not None
+        learned = max(report.mem, int(report.peak * 1.2))
+        if report.alone:
+            learned = max(learned, self.memory + 1)
+            no_fit = (f"needs more memory than this node has (peak {format_size(report.peak)}"
+                      f" of {format_size(self.memory)})")
+        else:
+            no_fit = (f"needs {format_size(learned)} (peak {format_size(report.peak)}), "
+                      "more than any live worker has")
+        status = self.store.requeue(
+            report.task_id, report.token, report.reason, counter="preempts", new_mem=learned,
+            cpus=spec.cpus, gpus=spec.gpus, max_count=self.config.max_preempts,
+            no_fit_reason=no_fit)
+        if status == "requeued":
+            self.stats.preempted += 1
+        self._count(status)
+
+    def _count(self, status: str) -> None:
+        if status == "requeued":
+            self.stats.requeued += 1
+        elif status == "failed":
+            self.stats.failed += 1
+        else:
+            self.stats.stale += 1
 
     # -- resources -------------------------------------------------------
     def _free(self) -> tuple[int, int, list[int]]:
-        used_mem = sum(r.claim.spec.mem for r in self.running.values())
+        used_mem = sum(r.mem for r in self.running.values())
         used_cpus = sum(r.claim.spec.cpus for r in self.running.values())
         used_gpus = {g for r in self.running.values() for g in r.gpus}
         return (self.memory - used_mem, self.cpus - used_cpus,

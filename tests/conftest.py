@@ -108,6 +108,8 @@ class WorkerThread:
 
     def __init__(self, store: Store, **config: Any) -> None:
         config.setdefault("heartbeat", 0.5)
+        # Tests of scheduling order trust declared memory; the memory tests set it.
+        config.setdefault("probation", 0.0)
         config.setdefault("lease", 3.0)
         self.worker = Worker(Store(store.url, store.queue), WorkerConfig(**config))
         self.stats: Stats | None = None

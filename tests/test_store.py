@@ -193,7 +193,7 @@ def test_restarted_worker_gets_back_its_leases(store: Store) -> None:
     # the new owner renews what it re-adopts under the same tokens ...
     assert store.renew("w1", inst2, [("1.1", held["1.1"])], lease_ms=LEASE, info={}) == []
     # ... and gives back, fenced, what is gone
-    assert store.requeue("1.2", held["1.2"], "task process gone")
+    assert store.requeue("1.2", held["1.2"], "task process gone") == "requeued"
     assert claim(store, "w1", inst2) == ["1.2"]
     check_counters(store)
 

@@ -201,6 +201,7 @@ FULL_FIELDS: dict[str, Any] = {
     "type": "shell",
     "priority": 7,
     "mem": "1.5G",
+    "mem_limit": "3G",
     "cpus": 4,
     "gpus": 1,
     "timeout": "1h30m",
@@ -216,6 +217,7 @@ FULL_SPEC = TaskSpec(
     name="train-0.1",
     priority=7,
     mem=int(1.5 * GIB),
+    mem_limit=3 * GIB,
     cpus=4,
     gpus=1,
     timeout=5400.0,
@@ -282,6 +284,7 @@ name = "train-0.1"
 type = "shell"
 priority = 7
 mem = "1.5G"
+mem_limit = "3G"
 cpus = 4
 gpus = 1
 timeout = "1h30m"
@@ -296,7 +299,7 @@ cmd = ["sleep", "1"]
 """
     first, second = parse_toml(text, "t.toml")
     assert first == FULL_SPEC
-    assert (first.source, second.source) == ("t.toml:2", "t.toml:17")
+    assert (first.source, second.source) == ("t.toml:2", "t.toml:18")
     assert second.cmd == "sleep 1"
 
 

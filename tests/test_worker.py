@@ -261,3 +261,12 @@ def test_worker_rides_out_a_redis_restart(tmp_path: Path) -> None:
         assert store.counts().get("running", 0) == 0
     finally:
         server.stop()
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to pin apart")
+def test_pin_gives_each_task_its_own_cores(store: Store, start_worker: StartWorker) -> None:
+    show = f"{sys.executable} -c 'import os; print(sorted(os.sched_getaffinity(0)))'"
+    store.submit([TaskSpec(cmd=f"sleep 0.5; {show}", name=f"p{i}") for i in range(2)])
+    start_worker(cpus=2, pin=True, max_tasks=2).join()
+    cores = [store.task(f"1.{i}")["out_tail"].strip() for i in (1, 2)]  # type: ignore[index]
+    assert sorted(cores) == ["[0]", "[1]"]

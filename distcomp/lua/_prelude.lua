@@ -98,6 +98,27 @@ local function unqueue(tid, shape)
   redis.call('ZREM', P .. 'delayed', tid)
 end
 
+-- running -> failed, for every script that ends a task unsuccessfully.
+local function finish_failed(tid, job, worker, reason, now)
+  drop_lease(tid, worker)
+  redis.call('HSET', task_key(tid), 'state', 'failed', 'reason', reason, 'finished_at', int(now))
+  redis.call('ZADD', P .. 'failed', int(now), tid)
+  move(job, 'running', 'failed')
+  event('failed', tid, 'worker', worker or '', 'reason', reason)
+end
+
+-- Is some live worker big enough for a task needing `mem` bytes?
+local function any_worker_fits(mem, now)
+  for _, w in ipairs(redis.call('ZRANGEBYSCORE', P .. 'workers', now - 3600000, '+inf')) do
+    local f = redis.call('HMGET', worker_key(w), 'mem', 'heartbeat', 'lease_ms', 'state')
+    if f[4] ~= 'stopped' and tonumber(f[2] or '0') + tonumber(f[3] or '0') >= now
+        and tonumber(f[1] or '0') >= mem then
+      return true
+    end
+  end
+  return false
+end
+
 local function wake()
   redis.call('PUBLISH', P .. 'wake', '1')
 end

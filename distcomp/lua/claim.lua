@@ -23,7 +23,8 @@
 -- nonce, so a counter that went back after a restart never repeats a token) and a deadline
 -- from the server clock, enters the lease index and the worker's task set, and
 -- its counters move queued -> running in the same step.
--- Returns: flat list of {task_id, token, attempt, spec_json} per claimed task.
+-- Returns: flat list of {task_id, token, attempt, spec_json, mem} per claimed task
+-- (mem: the current requirement, which the memory guard may have raised).
 local worker, instance = ARGV[1], ARGV[2]
 local free_mem, free_cpus, free_gpus = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local max_count, lease_ms = tonumber(ARGV[6]), tonumber(ARGV[7])
@@ -97,6 +98,7 @@ for _ = 1, max_count do
   out[#out + 1] = token
   out[#out + 1] = attempt
   out[#out + 1] = f[2]
+  out[#out + 1] = best_mem
   free_mem = free_mem - best_mem
   free_cpus = free_cpus - tonumber(f[3])
   free_gpus = free_gpus - tonumber(f[4])

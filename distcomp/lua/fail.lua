@@ -37,8 +37,5 @@ if retryable and fails <= tonumber(f[5] or '0') then
   wake()
   return 2
 end
-redis.call('HSET', tk, 'state', 'failed', 'reason', reason, 'finished_at', int(now))
-redis.call('ZADD', P .. 'failed', int(now), tid)
-move(f[3], 'running', 'failed')
-event('failed', tid, 'worker', f[4], 'reason', reason)
+finish_failed(tid, f[3], f[4], reason, now)
 return 1

@@ -31,12 +31,8 @@ for _, tid in ipairs(expired) do
     local lost = tonumber(f[4] or '0') + 1
     local reason = 'lease expired: worker ' .. (f[2] or '?') .. ' stopped renewing'
     if lost > max_lost then
-      drop_lease(tid, f[2])
-      redis.call('HSET', tk, 'state', 'failed', 'lost', lost, 'finished_at', int(now),
-        'reason', 'lost its worker ' .. lost .. ' times; last: ' .. reason)
-      redis.call('ZADD', P .. 'failed', int(now), tid)
-      move(f[3], 'running', 'failed')
-      event('failed', tid, 'reason', 'lost worker')
+      redis.call('HSET', tk, 'lost', lost)
+      finish_failed(tid, f[3], f[2], 'lost its worker ' .. lost .. ' times; last: ' .. reason, now)
     else
       requeue_running(tid, reason, 'lost')
       event('reaped', tid, 'worker', f[2] or '')

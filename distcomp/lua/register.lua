@@ -12,7 +12,7 @@
 -- its predecessor's leases: it gets them back so it can re-adopt tasks that
 -- kept running, report those that ended meanwhile, and requeue (fenced, with the
 -- token) only those truly gone.
--- Returns: {"ok", then per held task: id, token, attempt, spec, claimed_at} or an
+-- Returns: {"ok", then per held task: id, token, attempt, spec, mem, claimed_at} or an
 -- error reply NAMETAKEN.
 local worker, instance, lease_ms, info, takeover =
   ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
@@ -30,9 +30,9 @@ end
 local held = {}
 for _, tid in ipairs(redis.call('SMEMBERS', wtasks_key(worker))) do
   local f = redis.call('HMGET', task_key(tid), 'state', 'worker', 'token', 'attempt', 'spec',
-    'claimed_at')
+    'mem', 'claimed_at')
   if f[1] == 'running' and f[2] == worker then
-    for _, v in ipairs({tid, f[3], f[4], f[5], f[6]}) do held[#held + 1] = v end
+    for _, v in ipairs({tid, f[3], f[4], f[5], f[6], f[7]}) do held[#held + 1] = v end
   else
     redis.call('SREM', wtasks_key(worker), tid)
   end

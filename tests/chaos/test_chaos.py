@@ -26,7 +26,9 @@ def probe_cmd(log: Path, seconds: float) -> str:
     return (
         f'f={log}; id=$DISTCOMP_TASK_ID; '
         f'for p in $(awk -v id="$id" \'$1=="start" && $2==id {{print $5}}\' $f 2>/dev/null); '
-        f'do kill -0 $p 2>/dev/null && echo "overlap $id $p" >> $f; done; '
+        # alive = exists and is not a zombie waiting for init to reap it
+        f'do grep -qs "^State:[[:space:]]*[^Z[:space:]]" /proc/$p/status '
+        f'&& echo "overlap $id $p" >> $f; done; '
         f'echo "start $id $DISTCOMP_ATTEMPT $(date +%s.%N) $$" >> $f; '
         f'sleep {seconds}; '
         f'echo "end $id $DISTCOMP_ATTEMPT $(date +%s.%N) $$" >> $f'
@@ -44,7 +46,8 @@ class Workers:
     def start(self, name: str) -> None:
         self.procs[name] = subprocess.Popen(
             [sys.executable, "-m", "distcomp", "--state-dir", str(self.state_dir), "worker",
-             "--name", name, "--cpus", "2", "--heartbeat", HEARTBEAT, "--lease", LEASE],
+             "--name", name, "--cpus", "2", "--heartbeat", HEARTBEAT, "--lease", LEASE,
+             "--probation", "0"],
             env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def kill9(self, name: str) -> None:
@@ -193,7 +196,7 @@ def test_orphans_stop_before_their_rerun_starts(tmp_path: Path, store: Store) ->
     finally:
         workers.stop_all()
     lines = log.read_text().splitlines()
-    assert not [line for line in lines if line.startswith("overlap")]
+    assert not [line for line in lines if line.startswith("overlap")], lines
     assert [line.split()[2] for line in lines if line.startswith("start")] == ["1", "2"]
     task = store.task("1.1")
     assert task is not None and task["worker"] == "rescuer" and task["attempt"] == "2"
