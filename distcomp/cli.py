@@ -270,6 +270,9 @@ def _worker_options(func: F) -> F:
                           "before starting more; instant: only the headroom now."),
         click.option("--horizon", default="30s", show_default=True,
                      help="How far ahead growth-aware admission projects memory."),
+        click.option("--resource", "resources", multiple=True, metavar="NAME=N",
+                     help="A custom resource this worker offers (repeatable), e.g. "
+                          "license=2; tasks ask for it with resources = {license = 1}."),
         click.option("--pin", is_flag=True,
                      help="Give each task its own cores (as many as its cpus)."),
         click.option("--probation", default="1s", show_default=True,
@@ -285,8 +288,8 @@ def _worker_config(ctx: Ctx, name: str | None, cpus: int | None, memory: str | N
                    gpus: str | None, max_tasks: int | None, log_dir: str | None,
                    heartbeat: str, lease: str, reserve: str | None, low_water: str | None,
                    high_water: str | None, victim_policy: str,
-                   max_preempts: int, admission: str, horizon: str, pin: bool,
-                   probation: str) -> WorkerConfig:
+                   max_preempts: int, admission: str, horizon: str,
+                   resources: tuple[str, ...], pin: bool, probation: str) -> WorkerConfig:
     hb = parse_duration(heartbeat, "heartbeat")
     lease_s = parse_duration(lease, "lease")
     if lease_s < 2 * hb:
@@ -310,7 +313,18 @@ def _worker_config(ctx: Ctx, name: str | None, cpus: int | None, memory: str | N
         horizon=parse_duration(horizon, "horizon"),
         growth_aware=admission == "growth",
         pin=pin,
+        resources=_parse_resources(resources),
     )
+
+
+def _parse_resources(items: tuple[str, ...]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in items:
+        name, sep, count = item.partition("=")
+        if not sep or not name or not count.isdigit():
+            raise ValueError(f"--resource {item!r}: write NAME=COUNT, e.g. license=2")
+        out[name] = int(count)
+    return out
 
 
 @main.command()

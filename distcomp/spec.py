@@ -28,6 +28,7 @@ TASK_KINDS = ("shell",)
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": GIB, "k": 1024, "m": MIB, "g": GIB, "t": 1024**4, "p": 1024**5}
+_RESOURCE_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _DURATION_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?", re.IGNORECASE)
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "": 1.0}
 
@@ -162,6 +163,8 @@ class TaskSpec:
     mem_limit: int | None = None
     cpus: int = 1
     gpus: int = 0
+    #: Custom named resources a worker offers (``--resource license=2``).
+    resources: tuple[tuple[str, int], ...] = ()
     timeout: float | None = None
     retries: int | None = None
     #: Wait before a retry; doubles with each failure (exponential backoff).
@@ -176,6 +179,12 @@ class TaskSpec:
         object.__setattr__(self, "priority", check_int(self.priority, "priority", PRIORITY_MIN,
                                                        PRIORITY_MAX))
         object.__setattr__(self, "env", tuple(sorted(self.env)))
+        object.__setattr__(self, "resources", tuple(sorted(self.resources)))
+        for name, amount in self.resources:
+            if not _RESOURCE_NAME_RE.match(name):
+                raise FieldError("resources", f"invalid resource name {name!r}; use letters, "
+                                 "digits, '_', '.' or '-'")
+            check_int(amount, "resources", 1, 10**9)
         if self.kind not in TASK_KINDS:
             raise FieldError(
                 "type", f"unknown task type {self.kind!r}; supported: {', '.join(TASK_KINDS)}"
@@ -221,6 +230,8 @@ class TaskSpec:
             out["cpus"] = self.cpus
         if self.gpus:
             out["gpus"] = self.gpus
+        if self.resources:
+            out["resources"] = dict(self.resources)
         if self.timeout is not None:
             out["timeout"] = self.timeout
         if self.retries is not None:
@@ -251,6 +262,7 @@ class TaskSpec:
             mem_limit=data.get("mem_limit"),
             cpus=data.get("cpus", 1),
             gpus=data.get("gpus", 0),
+            resources=tuple(data.get("resources", {}).items()),
             timeout=data.get("timeout"),
             retries=data.get("retries"),
             retry_delay=data.get("retry_delay"),

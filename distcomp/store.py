@@ -92,8 +92,16 @@ def mem_bucket_mib(mem_bytes: int) -> int:
     return int(2**step)
 
 
-def shape_of(mem: int, cpus: int, gpus: int) -> str:
-    return f"m{mem_bucket_mib(mem)}:c{cpus}:g{gpus}"
+def shape_of(mem: int, cpus: int, gpus: int,
+             resources: Iterable[tuple[str, int]] = ()) -> str:
+    """``m<MiB floor>:c<cpus>:g<gpus>``, plus ``:r<name>=<n>;...`` for custom resources."""
+    base = f"m{mem_bucket_mib(mem)}:c{cpus}:g{gpus}"
+    extra = ";".join(f"{name}={n}" for name, n in sorted(resources))
+    return f"{base}:r{extra}" if extra else base
+
+
+def format_resources(resources: dict[str, int]) -> str:
+    return ";".join(f"{name}={n}" for name, n in sorted(resources.items()))
 
 
 @dataclass(frozen=True)
@@ -237,7 +245,7 @@ class Store:
                 spec.mem,
                 spec.cpus,
                 spec.gpus,
-                shape_of(spec.mem, spec.cpus, spec.gpus),
+                shape_of(spec.mem, spec.cpus, spec.gpus, spec.resources),
                 spec.to_json(),
                 "" if spec.retries is None else spec.retries,
             ]
@@ -255,12 +263,13 @@ class Store:
         free_gpus: int,
         max_count: int,
         lease_ms: int,
+        free_resources: dict[str, int] | None = None,
     ) -> list[Claim]:
         if max_count <= 0:
             return []
         out = self._run(
             "claim", [worker, instance, free_mem, free_cpus, free_gpus, max_count, lease_ms,
-                      secrets.token_hex(4)]
+                      secrets.token_hex(4), format_resources(free_resources or {})]
         )
         return [
             Claim(out[i], out[i + 1], int(out[i + 2]), TaskSpec.from_json(out[i + 3]),
@@ -296,12 +305,13 @@ class Store:
     def requeue(
         self, task_id: str, token: str, reason: str, *, counter: str = "",
         new_mem: int | None = None, cpus: int = 1, gpus: int = 0,
+        resources: Iterable[tuple[str, int]] = (),
         max_count: int | None = None, no_fit_reason: str = "",
     ) -> str:
         """Give a running task back. Returns "requeued", "failed" (the counter passed
         ``max_count``, or no live worker has ``new_mem`` and ``no_fit_reason`` was
         given) or "stale"."""
-        new_shape = "" if new_mem is None else shape_of(new_mem, cpus, gpus)
+        new_shape = "" if new_mem is None else shape_of(new_mem, cpus, gpus, resources)
         code = int(self._run(
             "requeue",
             [task_id, token, reason, counter, "" if new_mem is None else new_mem, new_shape,

@@ -90,6 +90,7 @@ _HINTS: dict[str, str] = {
     "env": 'write a table of names to strings, e.g. {"OMP_NUM_THREADS": "4"}',
     "cwd": "write a directory path, or leave it out",
     "tags": 'write a list of strings, e.g. ["sweep", "gpu"]',
+    "resources": "write a table of names to counts, e.g. {license = 1}",
 }
 
 
@@ -267,6 +268,13 @@ def _field_env(value: Any) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(env.items()))
 
 
+def _field_resources(value: Any) -> tuple[tuple[str, int], ...]:
+    """``{license = 1}``: custom resources a worker offers with ``--resource``."""
+    if not isinstance(value, Mapping):
+        raise FieldError("resources", f"expected a table of names to counts, got {value!r}")
+    return tuple(sorted((str(k), check_int(v, "resources", 1, 10**9)) for k, v in value.items()))
+
+
 def _field_tags(value: Any) -> tuple[str, ...]:
     """Order kept (people read it), duplicates dropped (a tag is a set member)."""
     items = [value] if isinstance(value, str) else value
@@ -293,6 +301,7 @@ _FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "env": ("env", _field_env),
     "cwd": ("cwd", lambda v: _as_str(v, "cwd")),
     "tags": ("tags", _field_tags),
+    "resources": ("resources", _field_resources),
 }
 
 #: Field names accepted by JSON Lines, TOML and :func:`spec_from_fields`.

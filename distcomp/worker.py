@@ -91,6 +91,8 @@ class WorkerConfig:
     growth_aware: bool = True
     #: Give each task its own cores (sched_setaffinity), as many as it asked for.
     pin: bool = False
+    #: Custom named resources this worker offers (``--resource license=2``).
+    resources: dict[str, int] = field(default_factory=dict)
     tail_bytes: int = runner.DEFAULT_TAIL_BYTES
     drain: bool = False
     #: Stop (and abandon) running tasks once cut off from Redis for longer than the
@@ -237,7 +239,9 @@ class Worker:
         taken over at once. Returns the leases a previous holder left."""
         fields = {"host": self.host, "pid": os.getpid(),
                   "pid_start": psutil.Process().create_time(), "cpus": self.cpus,
-                  "mem": self.memory, "gpus": ",".join(map(str, self.gpus))}
+                  "mem": self.memory, "gpus": ",".join(map(str, self.gpus)),
+                  "resources": ";".join(f"{k}={v}" for k, v in sorted(
+                      self.config.resources.items()))}
         base = self.name
         for index in range(1, 1000):
             try:
@@ -506,7 +510,8 @@ class Worker:
         try:
             claims = self.store.claim(
                 self.name, self.instance, free_mem=free_mem, free_cpus=free_cpus,
-                free_gpus=len(free_gpus), max_count=min(room, 64), lease_ms=self._lease_ms)
+                free_gpus=len(free_gpus), max_count=min(room, 64), lease_ms=self._lease_ms,
+                free_resources=self._free_resources())
         except NotOwnerError:
             log.error("worker name %s was taken over by another process; stopping", self.name)
             self.request_stop()
@@ -683,7 +688,8 @@ class Worker:
                       "more than any live worker has")
         status = self.store.requeue(
             report.task_id, report.token, report.reason, counter="preempts", new_mem=learned,
-            cpus=spec.cpus, gpus=spec.gpus, max_count=self.config.max_preempts,
+            cpus=spec.cpus, gpus=spec.gpus, resources=spec.resources,
+            max_count=self.config.max_preempts,
             no_fit_reason=no_fit)
         if status == "requeued":
             self.stats.preempted += 1
@@ -704,6 +710,13 @@ class Worker:
         used_gpus = {g for r in self.running.values() for g in r.gpus}
         return (self.memory - used_mem, self.cpus - used_cpus,
                 [g for g in self.gpus if g not in used_gpus])
+
+    def _free_resources(self) -> dict[str, int]:
+        free = dict(self.config.resources)
+        for item in self.running.values():
+            for name, amount in item.claim.spec.resources:
+                free[name] = free.get(name, 0) - amount
+        return free
 
     def _info(self) -> dict[str, Any]:
         free_mem, free_cpus, _free_gpus = self._free()

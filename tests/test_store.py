@@ -343,3 +343,20 @@ def test_random_transitions_keep_counters_exact(store: Store) -> None:
         else:
             store.retry(store.failed_task_ids()[:3])
     check_counters(store)
+
+
+def test_custom_resources_are_enforced_by_claim(store: Store) -> None:
+    store.submit([spec("a", resources=(("license", 1),), priority=5),
+                  spec("b", resources=(("license", 1),), priority=5),
+                  spec("plain")])
+    inst = register(store)
+    got = [c.task_id for c in store.claim("w1", inst, free_mem=GIB, free_cpus=8, free_gpus=0,
+                                          max_count=10, lease_ms=LEASE,
+                                          free_resources={"license": 1})]
+    assert got == ["1.1", "1.3"]  # one license: one licensed task, and the plain one
+    assert claim(store, "w1", inst) == []  # a worker without the resource gets none
+    got = [c.task_id for c in store.claim("w1", inst, free_mem=GIB, free_cpus=8, free_gpus=0,
+                                          max_count=10, lease_ms=LEASE,
+                                          free_resources={"license": 3})]
+    assert got == ["1.2"]
+    check_counters(store)

@@ -502,3 +502,11 @@ def test_dedup_key_is_stable_and_tracks_cmd(spec: TaskSpec, other_source: str) -
     assert key == TaskSpec.from_json(spec.to_json()).dedup_key()
     assert key == dataclasses.replace(spec, source=other_source).dedup_key()
     assert key != dataclasses.replace(spec, cmd=spec.cmd + " --again").dedup_key()
+
+
+def test_resources_field() -> None:
+    (spec,) = parse_jsonl('{"cmd": "run", "resources": {"license": 2, "disk": 1}}\n', "r.jsonl")
+    assert spec.resources == (("disk", 1), ("license", 2))
+    with pytest.raises(SpecError) as err:
+        parse_jsonl('{"cmd": "run", "resources": {"license": 0}}\n', "r.jsonl")
+    assert "resources" in str(err.value)

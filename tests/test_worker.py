@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -270,3 +271,55 @@ def test_pin_gives_each_task_its_own_cores(store: Store, start_worker: StartWork
     start_worker(cpus=2, pin=True, max_tasks=2).join()
     cores = [store.task(f"1.{i}")["out_tail"].strip() for i in (1, 2)]  # type: ignore[index]
     assert sorted(cores) == ["[0]", "[1]"]
+
+
+def test_children_left_behind_are_killed_with_the_group(store: Store,
+                                                        start_worker: StartWorker) -> None:
+    marker = f"300.{uuid.uuid4().int % 10**9:09d}"
+    store.submit([TaskSpec(cmd=f"sleep {marker} & echo started")])
+    start_worker(max_tasks=1).join()
+    assert store.task("1.1")["state"] == "succeeded"  # type: ignore[index]
+    wait_for(lambda: not any(marker in " ".join(p.info["cmdline"] or [])
+                             for p in psutil.process_iter(["cmdline"])), timeout=5)
+
+
+def test_missing_command_and_unusable_log_dir(store: Store, start_worker: StartWorker,
+                                              tmp_path: Path) -> None:
+    store.submit([TaskSpec(cmd="no-such-command-here --flag")])
+    start_worker(max_tasks=1).join()
+    task = store.task("1.1")
+    assert task is not None and task["reason"] == "exit code 127 (command not found)"
+    assert "not found" in task["err_tail"]
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    store.submit([TaskSpec(cmd="true")], allow_duplicates=True)
+    w = start_worker(max_tasks=1, log_dir=blocker / "logs")
+    w.join()
+    task = store.task("2.1")
+    assert task is not None and task["state"] == "failed"
+    assert task["reason"].startswith("cannot create log directory")
+    assert w.stats is not None and w.stats.failed == 1  # the worker carried on and stopped
+
+
+@pytest.mark.skipif(not shutil.which("nvidia-smi"), reason="no nvidia-smi: no real GPU here")
+def test_real_gpus_are_detected_and_assigned(store: Store, start_worker: StartWorker) -> None:
+    from distcomp.resources import detect_gpus
+
+    env_gpus = detect_gpus()
+    assert env_gpus
+    store.submit([TaskSpec(cmd="echo $CUDA_VISIBLE_DEVICES; nvidia-smi -L", gpus=1)])
+    start_worker(max_tasks=1).join()
+    task = store.task("1.1")
+    assert task is not None and task["state"] == "succeeded"
+    assert int(task["out_tail"].splitlines()[0]) in env_gpus
+
+
+def test_custom_resource_limits_concurrency(store: Store, start_worker: StartWorker,
+                                            tmp_path: Path) -> None:
+    out = tmp_path / "spans"
+    store.submit([TaskSpec(cmd=timed(f"t{i}", 0.3, out), resources=(("license", 1),))
+                  for i in range(3)])
+    start_worker(cpus=4, resources={"license": 1}, max_tasks=3).join()
+    rows = spans(out)
+    assert len(rows) == 3
+    assert not any(overlap(a, b) for i, a in enumerate(rows) for b in rows[i + 1:])

@@ -1,6 +1,7 @@
 -- claim: queued -> running, up to max_count tasks that fit the worker's free resources.
 --
--- ARGV: worker, instance, free_mem, free_cpus, free_gpus, max_count, lease_ms, nonce
+-- ARGV: worker, instance, free_mem, free_cpus, free_gpus, max_count, lease_ms, nonce,
+-- free custom resources ("license=2;disk=1", "" for none)
 --
 -- Cost: O(shapes * log N). Ready tasks sit in one sorted set per resource shape
 -- ("m<mem floor MiB>:c<cpus>:g<gpus>"); the script looks only at the heads of the
@@ -29,6 +30,19 @@ local worker, instance = ARGV[1], ARGV[2]
 local free_mem, free_cpus, free_gpus = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local max_count, lease_ms = tonumber(ARGV[6]), tonumber(ARGV[7])
 local nonce = ARGV[8]
+-- Custom named resources: a shape may end in ":r<name>=<n>;<name>=<n>".
+local function parse_resources(text)
+  local t = {}
+  for name, n in string.gmatch(text or '', '([%w_.%-]+)=(%d+)') do t[name] = tonumber(n) end
+  return t
+end
+local free_res = parse_resources(ARGV[9])
+local function resources_fit(needs)
+  for name, n in pairs(needs) do
+    if (free_res[name] or 0) < n then return false end
+  end
+  return true
+end
 if redis.call('HGET', worker_key(worker), 'instance') ~= instance then
   return redis.error_reply('NOTOWNER worker name ' .. worker .. ' is registered to another process')
 end
@@ -60,9 +74,10 @@ local shapes = redis.call('SMEMBERS', P .. 'shapes')
 for _ = 1, max_count do
   local best_tid, best_score, best_shape, best_mem = nil, nil, nil, nil
   for _, shape in ipairs(shapes) do
-    local m, c, g = string.match(shape, '^m(%d+):c(%d+):g(%d+)$')
+    local m, c, g, rest = string.match(shape, '^m(%d+):c(%d+):g(%d+):?r?(.*)$')
     m, c, g = tonumber(m) * 1048576, tonumber(c), tonumber(g)
-    if c <= free_cpus and g <= free_gpus and m <= free_mem then
+    if c <= free_cpus and g <= free_gpus and m <= free_mem
+        and (rest == '' or resources_fit(parse_resources(rest))) then
       local head = redis.call('ZRANGE', ready_key(shape), 0, HEAD_SCAN - 1, 'WITHSCORES')
       for i = 1, #head, 2 do
         local tid, score = head[i], tonumber(head[i + 1])
@@ -102,5 +117,8 @@ for _ = 1, max_count do
   free_mem = free_mem - best_mem
   free_cpus = free_cpus - tonumber(f[3])
   free_gpus = free_gpus - tonumber(f[4])
+  for name, n in pairs(parse_resources(string.match(best_shape, ':r(.*)$'))) do
+    free_res[name] = free_res[name] - n
+  end
 end
 return out
