@@ -204,6 +204,7 @@ FULL_FIELDS: dict[str, Any] = {
     "mem_limit": "3G",
     "cpus": 4,
     "gpus": 1,
+    "resources": {"license": 1},
     "timeout": "1h30m",
     "retries": 2,
     "retry_delay": "30s",
@@ -220,6 +221,7 @@ FULL_SPEC = TaskSpec(
     mem_limit=3 * GIB,
     cpus=4,
     gpus=1,
+    resources=(("license", 1),),
     timeout=5400.0,
     retries=2,
     retry_delay=30.0,
@@ -287,6 +289,7 @@ mem = "1.5G"
 mem_limit = "3G"
 cpus = 4
 gpus = 1
+resources = { license = 1 }
 timeout = "1h30m"
 retries = 2
 retry_delay = 30
@@ -299,7 +302,7 @@ cmd = ["sleep", "1"]
 """
     first, second = parse_toml(text, "t.toml")
     assert first == FULL_SPEC
-    assert (first.source, second.source) == ("t.toml:2", "t.toml:18")
+    assert (first.source, second.source) == ("t.toml:2", "t.toml:19")
     assert second.cmd == "sleep 1"
 
 
