@@ -1,4 +1,4 @@
-"""``python -m benchmarks [claim|throughput|all] [--quick] [--repeat N] [--json PATH]``."""
+"""``python -m benchmarks [claim|throughput|memory|all] [--quick] [--repeat N] [--json PATH]``."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import claim_backlog, throughput
+from . import claim_backlog, memory_pressure, throughput
 from .common import environment, note, use_redis_server, write_json
 
 BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {
     "claim": claim_backlog.run,
     "throughput": throughput.run,
+    "memory": memory_pressure.run,
 }
 
 
@@ -26,8 +27,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("which", nargs="?", default="all", choices=[*BENCHMARKS, "all"],
                         help="which benchmark to run (default: all)")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: small sizes, well under 30 s; checks correctness, "
-                             "the numbers mean little")
+                        help="smoke run: small sizes (memory: one round, about 2 min); checks "
+                             "correctness, the numbers mean little")
     parser.add_argument("--repeat", type=int, default=3, metavar="N",
                         help="rounds per measurement (default 3); medians and spreads "
                              "are over these")

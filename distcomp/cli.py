@@ -278,6 +278,19 @@ def _worker_options(func: F) -> F:
         click.option("--probation", default="1s", show_default=True,
                      help="Watch the first task of a new job this long before starting "
                           "more of it (0 to trust declared memory)."),
+        click.option("--allow-pickle/--no-allow-pickle", default=None,
+                     help="Run python tasks that carry a pickled callable: anyone who can "
+                          "write to the queue can then run code here. Default: on for a "
+                          "unix-socket (local) server, off otherwise."),
+        click.option("--pythonpath", multiple=True, metavar="DIR",
+                     help="Prepend DIR to PYTHONPATH for python tasks (repeatable), so "
+                          "'pkg.module:function' references import."),
+        click.option("--result-max-bytes", default="1M", show_default=True,
+                     help="Python results up to this size go into the task record; "
+                          "larger ones stay in a file (see --result-dir)."),
+        click.option("--result-dir", type=click.Path(file_okay=False),
+                     help="Where results over --result-max-bytes go (share it with the "
+                          "clients; default: beside the task logs)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -289,7 +302,10 @@ def _worker_config(ctx: Ctx, name: str | None, cpus: int | None, memory: str | N
                    heartbeat: str, lease: str, reserve: str | None, low_water: str | None,
                    high_water: str | None, victim_policy: str,
                    max_preempts: int, admission: str, horizon: str,
-                   resources: tuple[str, ...], pin: bool, probation: str) -> WorkerConfig:
+                   resources: tuple[str, ...], pin: bool, probation: str,
+                   allow_pickle: bool | None = None, pythonpath: tuple[str, ...] = (),
+                   result_max_bytes: str = "1M", result_dir: str | None = None
+                   ) -> WorkerConfig:
     hb = parse_duration(heartbeat, "heartbeat")
     lease_s = parse_duration(lease, "lease")
     if lease_s < 2 * hb:
@@ -314,6 +330,11 @@ def _worker_config(ctx: Ctx, name: str | None, cpus: int | None, memory: str | N
         growth_aware=admission == "growth",
         pin=pin,
         resources=_parse_resources(resources),
+        allow_pickle=(allow_pickle if allow_pickle is not None
+                      else ctx.client.url.startswith("unix://")),
+        pythonpath=[str(Path(p).absolute()) for p in pythonpath],
+        result_max_bytes=parse_size(result_max_bytes, "result-max-bytes"),
+        result_dir=Path(result_dir).absolute() if result_dir else None,
     )
 
 
@@ -403,15 +424,31 @@ def _run_and_follow(client: Client, job_ids: list[str], node: Worker, show: bool
         finally:
             finished.set()
 
+    from rich.console import RenderableType
+
+    from .watch import Sampler, render
+
+    sampler = Sampler(client, job_ids)
+    compact: list[RenderableType] = []  # the compact `watch` view: per-job rate and ETA
+    last_view = 0.0
+
+    class _WithJobs(Progress):
+        def get_renderables(self) -> Iterator[RenderableType]:
+            yield self.make_tasks_table(self.tasks)
+            yield from compact
+
     thread = threading.Thread(target=target, name="distcomp-worker", daemon=True)
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
-                        TextColumn("{task.fields[counts]}"), TimeRemainingColumn(),
-                        console=err_console, disable=not show, transient=False)
+    progress = _WithJobs(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+                         TextColumn("{task.fields[counts]}"), TimeRemainingColumn(),
+                         console=err_console, disable=not show, transient=False)
     thread.start()
     with progress:
         bar = progress.add_task("run", total=None, counts="")
         while not finished.is_set():
             try:
+                if show and time.monotonic() - last_view >= 1.0:
+                    compact[:] = [render(sampler.snapshot(), compact=True)]
+                    last_view = time.monotonic()
                 jobs = client.jobs(job_ids)
                 total = sum(j.n_tasks for j in jobs)
                 counts = {s: sum(j.counts.get(s, 0) for j in jobs) for s in STATES}
@@ -954,6 +991,64 @@ def down(ctx: Ctx, /, hosts_file: str | None, drain: bool, wait_for: str | None,
             connect_timeout=connect_timeout, drain=drain, wait=wait)
         forget_down(state, results)
     _host_results(results, as_json, "distcomp down" + (" --drain" if drain else ""))
+
+
+# -- watching ------------------------------------------------------------------
+
+@main.command()
+@click.argument("jobs", nargs=-1)
+@click.option("--interval", type=float, default=1.0, show_default=True,
+              help="Seconds between refreshes.")
+@click.option("--once", is_flag=True, help="Print the view once and exit.")
+@pass_ctx
+def watch(ctx: Ctx, jobs: tuple[str, ...], interval: float, once: bool) -> None:
+    """Live view: progress and ETA per job, workers, latest failures (O(1) per refresh)."""
+    from .watch import watch as run_watch
+
+    with friendly_errors():
+        for jid in jobs:
+            ctx.client.job(jid)
+        run_watch(ctx.client, list(jobs) or None, interval=interval, once=once,
+                  console=console)
+
+
+@main.command()
+@pass_ctx
+def metrics(ctx: Ctx) -> None:
+    """Print the queue's metrics once, in Prometheus text format."""
+    from .metrics import render_metrics
+    from .watch import Sampler
+
+    with friendly_errors():
+        text = render_metrics(Sampler(ctx.client).snapshot(), ctx.queue)
+    sys.stdout.write(text)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind. Keep loopback; reach it through an SSH tunnel.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8265, show_default=True)
+@pass_ctx
+def dashboard(ctx: Ctx, host: str, port: int) -> None:
+    """Web dashboard and /metrics (needs the extra: pip install 'distcomp[dashboard]').
+
+    Anyone who can reach it can retry and cancel tasks: it acts with the queue's own
+    Redis credentials. From your laptop: ssh -L 8265:127.0.0.1:8265 HEAD, then open
+    http://127.0.0.1:8265/.
+    """
+    try:
+        from .dashboard import serve
+    except ImportError as exc:
+        fail(f"the dashboard needs extra packages ({exc}): pip install 'distcomp[dashboard]'",
+             EXIT_BAD_INPUT)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        err_console.print(f"[yellow]warning:[/] binding {host}: anyone who reaches this port "
+                          "can retry and cancel tasks. Prefer 127.0.0.1 and an SSH tunnel.")
+    with friendly_errors():
+        ctx.client.store.ping()
+        err_console.print(f"dashboard on http://{host}:{port}/  (from another machine: "
+                          f"ssh -L {port}:127.0.0.1:{port} THIS_HOST)")
+        serve(ctx.client, host=host, port=port)
 
 
 # -- rendering helpers ---------------------------------------------------------

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .server import resolve_url, state_dir_path
 from .spec import TaskSpec
 from .store import STATES, JobInfo, Store, SubmitResult
 from .taskfile import parse_task_file
+
+if TYPE_CHECKING:
+    from .executor import JobHandle, LocalWorker, PythonTasks, TaskFuture
 
 
 class NotFoundError(LookupError):
@@ -203,4 +207,54 @@ class Client:
         return self.store.retry(chosen)
 
     def close(self) -> None:
+        python_tasks = getattr(self, "_python_tasks", None)
+        if python_tasks is not None:
+            python_tasks.close()
         self.store.close()
+
+    # -- python tasks (see distcomp.executor) ----------------------------
+    def _python(self) -> PythonTasks:
+        """The submitter and future listener, made on first use (one per client)."""
+        from .executor import PythonTasks
+
+        if getattr(self, "_python_tasks", None) is None:
+            self._python_tasks = PythonTasks(self.store)
+        return self._python_tasks
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
+        """Run ``fn(*args, **kwargs)`` as a python task; returns a future. Keywords named
+        in ``executor.OPTION_NAMES`` (``mem="2G"``, ``cpus=2``, ``timeout="1h"``...) are
+        task options, not arguments of ``fn``."""
+        from .executor import OPTION_NAMES
+
+        options = {k: kwargs.pop(k) for k in OPTION_NAMES if k in kwargs}
+        return self._python().submit_calls(fn, [(args, kwargs)], options)[0]
+
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], **options: Any
+            ) -> list[TaskFuture]:
+        """Submit ``fn`` over the zipped iterables as one job (one atomic submission);
+        returns the futures in order. ``options`` are task options (``mem``, ``cpus``...)."""
+        calls: list[tuple[Sequence[Any], dict[str, Any]]] = [
+            (item, {}) for item in zip(*iterables, strict=False)]
+        return self._python().submit_calls(fn, calls, options)
+
+    @staticmethod
+    def gather(futures: Iterable[Future[Any]], timeout: float | None = None) -> list[Any]:
+        """The futures' results in order; raises the first failure met."""
+        from .executor import gather
+
+        return gather(futures, timeout)
+
+    def job_handle(self, job_id: str) -> JobHandle:
+        """A handle on a job: ``progress()``, ``results()``, ``futures()``, ``cancel()``."""
+        from .executor import JobHandle
+
+        self.job(job_id)  # NotFoundError if there is no such job
+        return JobHandle(self, job_id)
+
+    def local_worker(self, cpus: int | None = None, **config: Any) -> LocalWorker:
+        """Start a worker on this queue in a thread of this process (tasks still run in
+        their own processes); ``.stop()`` it when done. ``config``: WorkerConfig fields."""
+        from .executor import LocalWorker
+
+        return LocalWorker(self, cpus or os.cpu_count() or 1, **config)

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from .taskfile import toml_key_line
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised only on 3.10
@@ -66,15 +68,6 @@ def find_config(cwd: Path | None = None) -> Path | None:
     return None
 
 
-def _key_line(text: str, key: str) -> int:
-    """Best-effort line of a top-level key (tomllib reports no positions for values)."""
-    pattern = re.compile(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*[=.\]]")
-    for number, raw in enumerate(text.split("\n"), start=1):
-        if pattern.match(raw):
-            return number
-    return 1
-
-
 def parse_config(path: Path) -> FileConfig:
     """Read and validate one distcomp.toml; any problem raises ConfigError naming
     ``file:line`` and what to write instead."""
@@ -95,7 +88,7 @@ def parse_config(path: Path) -> FileConfig:
                           ) from None
     values: dict[str, str] = {}
     for key, value in doc.items():
-        line = _key_line(text, key)
+        line = toml_key_line(text, key)
         if key not in CONFIG_KEYS:
             raise ConfigError(f"{path}:{line}: unknown setting {key!r}; a distcomp.toml may "
                               f"set {', '.join(CONFIG_KEYS)}")
@@ -106,7 +99,7 @@ def parse_config(path: Path) -> FileConfig:
     if "redis" in values:
         problem = url_problem(values["redis"])
         if problem:
-            raise ConfigError(f"{path}:{_key_line(text, 'redis')}: {problem}")
+            raise ConfigError(f"{path}:{toml_key_line(text, 'redis')}: {problem}")
     return FileConfig(path=path, **values)
 
 

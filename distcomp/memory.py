@@ -25,6 +25,9 @@ import psutil
 
 from .resources import cgroup_memory_headroom
 
+#: Samples after which a task's own growth rate is trusted over its job's profile.
+_WATCHED = 4
+
 #: Samples kept per task (about this many seconds at the default 0.5 s interval / 2).
 _HISTORY = 20
 
@@ -140,18 +143,31 @@ VICTIM_POLICIES: dict[str, VictimPolicy] = {
 
 @dataclass
 class Profile:
-    """What the tasks of one job were seen to do: their largest peak and growth rate.
+    """What the recent tasks of one job were seen to peak at.
 
     Tasks of one job are usually alike, so a job's first task (watched on its
-    own for a moment) tells how many more of its kind fit.
+    own for a moment) tells how many more of its kind fit. They are not always
+    alike, so the profile keeps each task's peak: the median says what a new
+    task will probably need, the maximum what a growing one may reach.
     """
 
-    peak: int = 0
-    slope: float = 0.0
+    peaks: dict[str, int] = field(default_factory=dict)
 
-    def update(self, usage: Usage) -> None:
-        self.peak = max(self.peak, usage.peak)
-        self.slope = max(self.slope, usage.slope())
+    def update(self, task_id: str, usage: Usage) -> None:
+        self.peaks[task_id] = max(self.peaks.get(task_id, 0), usage.peak)
+        while len(self.peaks) > 64:
+            del self.peaks[next(iter(self.peaks))]
+
+    @property
+    def typical(self) -> int:
+        ordered = sorted(self.peaks.values())
+        return ordered[len(ordered) // 2] if ordered else 0
+
+    def high_except(self, task_id: str) -> int | None:
+        """The highest peak of the job's other tasks (a task's own peak so far says
+        nothing about how far it will still grow)."""
+        others = [p for t, p in self.peaks.items() if t != task_id]
+        return max(others) if others else None
 
 
 @dataclass
@@ -184,8 +200,8 @@ class Guard:
         self.last_headroom = capacity
         self._measured_at = -1.0
 
-    def observe(self, job: str, usage: Usage) -> None:
-        self.profiles.setdefault(job, Profile()).update(usage)
+    def observe(self, job: str, usage: Usage, task_id: str = "") -> None:
+        self.profiles.setdefault(job, Profile()).update(task_id or str(id(usage)), usage)
 
     def measure(self, tasks: Sequence[Candidate], max_age: float = 0.0) -> int:
         """Headroom now; ``max_age`` allows reusing a reading that recent (admission
@@ -219,18 +235,27 @@ class Guard:
         if budget <= 0:
             return 0, 0
         jobs = {t.job for t in tasks}
-        known = [self.profiles[j].peak for j in jobs if j in self.profiles]
+        known = [self.profiles[j].typical for j in jobs if j in self.profiles]
         if not self.profiles:
             return budget, 1
-        typical = max(known) if known else max(p.peak for p in self.profiles.values())
+        typical = max(known) if known else max(p.typical for p in self.profiles.values())
         return budget, (budget // typical if typical > 0 else 1 << 30)
 
     def expected_growth(self, task: Candidate) -> int:
-        """More memory a running task will likely take: its own recent slope over the
-        horizon, or, if more, what its job's tasks were seen to peak at."""
-        own = task.usage.projected_growth(self.horizon, task.declared if task.learned else None)
+        """More memory a running task will likely take.
+
+        Its own recent slope over the horizon, capped by its learned requirement
+        or its job's highest peak (a flat task reserves nothing, a growing one up
+        to what its kind reached). A task not yet watched for a couple of seconds
+        reserves at least its job's median peak: it may not have started growing.
+        """
         profile = self.profiles.get(task.job)
-        return max(own, profile.peak - task.usage.current if profile else 0)
+        cap = task.declared if task.learned else (
+            profile.high_except(task.task_id) if profile else None)
+        own = task.usage.projected_growth(self.horizon, cap)
+        if profile is not None and len(task.usage.samples) < _WATCHED:
+            return max(own, profile.typical - task.usage.current)
+        return own
 
     def check(self, tasks: Sequence[Candidate], dying: int) -> list[Verdict]:
         """Victims to preempt if headroom is below the low-water mark, chosen in the

@@ -19,12 +19,16 @@ it is watched by pid and start time and its status read from the status file.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import resource
+import shlex
 import signal
 import subprocess
+import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -285,6 +289,34 @@ def read_tail(path: Path, limit: int = DEFAULT_TAIL_BYTES) -> str:
     return text
 
 
+def python_paths(status_path: Path) -> tuple[Path, Path]:
+    """(call file, result file) of a python task attempt, beside its status file."""
+    return status_path.with_suffix(".call"), status_path.with_suffix(".result")
+
+
+def _python_command(spec: TaskSpec, status_path: Path, payload: bytes | None,
+                    python: str) -> str:
+    """Write the call file and return the shell command that runs it. The child is a
+    fresh interpreter, so a crash, a leak or a stuck C extension dies with its own
+    process group and cannot harm the worker."""
+    call_path, result_path = python_paths(status_path)
+    if spec.payload is not None:
+        if payload is None:
+            raise LaunchError(f"the task's pickled payload ({spec.payload}) is missing")
+        data = payload
+    else:
+        data = json.dumps({"func": spec.func, "args": list(spec.args),
+                           "kwargs": dict(spec.kwargs)}).encode()
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            result_path.unlink()
+        call_path.write_bytes(data)
+    except OSError as exc:
+        raise LaunchError(f"cannot write {call_path}: {exc.strerror}") from exc
+    return " ".join(shlex.quote(part) for part in
+                    (python, "-m", "distcomp.pytask", str(call_path), str(result_path)))
+
+
 class LaunchError(RuntimeError):
     """The task could not be started at all (missing cwd, unwritable log dir...)."""
 
@@ -308,9 +340,13 @@ def task_environment(spec: TaskSpec, task_id: str, attempt: int, gpus: list[int]
 
 
 def start(spec: TaskSpec, task_id: str, attempt: int, log_dir: Path, *, tag: str,
-          gpus: list[int] | None = None, cores: list[int] | None = None) -> TaskProcess:
+          gpus: list[int] | None = None, cores: list[int] | None = None,
+          payload: bytes | None = None, pythonpath: Sequence[str] = (),
+          python: str = sys.executable) -> TaskProcess:
     """Start the task in its own session; the wrapper opens its log files, so the
-    worker's loop does no per-task file I/O. ``log_dir`` must be absolute."""
+    worker's loop does no per-task file I/O (a python task's call file excepted).
+    ``log_dir`` must be absolute. A python task runs ``python -m distcomp.pytask``
+    under the same wrapper, with ``pythonpath`` prepended to ``PYTHONPATH``."""
     out_path, err_path, status_path = log_paths(log_dir, task_id, attempt)
     task_dir = out_path.parent
     if task_dir not in _made_dirs:
@@ -325,16 +361,23 @@ def start(spec: TaskSpec, task_id: str, attempt: int, log_dir: Path, *, tag: str
     if cwd is not None and not os.path.isdir(cwd):
         what = "is not a directory" if os.path.exists(cwd) else "does not exist"
         raise LaunchError(f"working directory {cwd!r} {what}")
-    wrapper = _WRAPPER_CHILD if _EXEC_RE.search(spec.cmd) else _WRAPPER_EVAL
+    command = spec.cmd
+    env = task_environment(spec, task_id, attempt, gpus or [])
+    if spec.kind == "python":
+        command = _python_command(spec, status_path, payload, python)
+        paths = [*pythonpath, *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])]
+        if paths:
+            env["PYTHONPATH"] = os.pathsep.join(paths)
+    wrapper = _WRAPPER_CHILD if _EXEC_RE.search(command) else _WRAPPER_EVAL
     try:
         popen = subprocess.Popen(
-            ["/bin/sh", "-c", wrapper, TASK_TAG_PREFIX + tag, spec.cmd, str(status_path),
+            ["/bin/sh", "-c", wrapper, TASK_TAG_PREFIX + tag, command, str(status_path),
              str(out_path), str(err_path)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             cwd=cwd,
-            env=task_environment(spec, task_id, attempt, gpus or []),
+            env=env,
             start_new_session=True,
             close_fds=True,
             # Only when pinning: a preexec function costs the fast vfork path.

@@ -24,7 +24,10 @@ MIB = 1024**2
 PRIORITY_MIN = -999
 PRIORITY_MAX = 999
 
-TASK_KINDS = ("shell",)
+TASK_KINDS = ("shell", "python")
+
+#: ``pkg.module:function`` (the function part may be dotted: ``Class.method``).
+FUNC_REF_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": GIB, "k": 1024, "m": MIB, "g": GIB, "t": 1024**4, "p": 1024**5}
@@ -172,6 +175,13 @@ class TaskSpec:
     env: tuple[tuple[str, str], ...] = ()
     cwd: str | None = None
     tags: tuple[str, ...] = ()
+    #: Python tasks (``kind="python"``): a ``pkg.module:function`` reference called
+    #: with JSON ``args``/``kwargs``, or ``payload``, the store key of a cloudpickled
+    #: ``(fn, args, kwargs)`` (API submissions). ``cmd`` is then only for display.
+    func: str | None = None
+    args: tuple[Any, ...] = ()
+    kwargs: tuple[tuple[str, Any], ...] = ()
+    payload: str | None = None
     source: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -189,6 +199,11 @@ class TaskSpec:
             raise FieldError(
                 "type", f"unknown task type {self.kind!r}; supported: {', '.join(TASK_KINDS)}"
             )
+        if self.kind == "python":
+            self._check_python()
+        elif self.func is not None or self.payload is not None or self.args or self.kwargs:
+            raise FieldError("func", "func/args/kwargs/payload are for python tasks; "
+                             "set type = 'python'")
         if not isinstance(self.cmd, str) or not self.cmd.strip():
             raise FieldError("cmd", "the command is empty; write the command to run")
         if "\x00" in self.cmd:
@@ -208,6 +223,27 @@ class TaskSpec:
         for key, val in self.env:
             if not key or "=" in key or "\x00" in key or "\x00" in val:
                 raise FieldError("env", f"invalid environment variable {key!r}")
+
+    def _check_python(self) -> None:
+        """A python task names exactly one callable; its cmd defaults to a readable call."""
+        object.__setattr__(self, "args", tuple(self.args))
+        object.__setattr__(self, "kwargs", tuple(sorted(self.kwargs)))
+        if (self.func is None) == (self.payload is None):
+            raise FieldError("func", "a python task needs a function reference like "
+                             "'pkg.module:function'")
+        if self.func is not None and not FUNC_REF_RE.match(self.func):
+            raise FieldError("func", f"cannot read function reference {self.func!r}; "
+                             "write 'pkg.module:function'")
+        try:
+            json.dumps([self.args, dict(self.kwargs)])
+        except (TypeError, ValueError) as exc:
+            raise FieldError("args", f"arguments must be JSON values: {exc}") from None
+        for key, _ in self.kwargs:
+            if not isinstance(key, str) or not key.isidentifier():
+                raise FieldError("kwargs", f"invalid keyword argument name {key!r}")
+        if not isinstance(self.cmd, str) or not self.cmd.strip():
+            object.__setattr__(self, "cmd", python_display(self.func or "<pickled>",
+                                                           self.args, dict(self.kwargs)))
 
     @property
     def display_name(self) -> str:
@@ -244,6 +280,14 @@ class TaskSpec:
             out["cwd"] = self.cwd
         if self.tags:
             out["tags"] = list(self.tags)
+        if self.func is not None:
+            out["func"] = self.func
+        if self.args:
+            out["args"] = list(self.args)
+        if self.kwargs:
+            out["kwargs"] = dict(self.kwargs)
+        if self.payload is not None:
+            out["payload"] = self.payload
         if self.source:
             out["source"] = self.source
         return out
@@ -269,6 +313,10 @@ class TaskSpec:
             env=tuple(sorted(data.get("env", {}).items())),
             cwd=data.get("cwd"),
             tags=tuple(data.get("tags", ())),
+            func=data.get("func"),
+            args=tuple(data.get("args", ())),
+            kwargs=tuple(sorted(data.get("kwargs", {}).items())),
+            payload=data.get("payload"),
             source=data.get("source", ""),
         )
 
@@ -282,3 +330,15 @@ class TaskSpec:
         data.pop("source", None)
         canonical = json.dumps(data, separators=(",", ":"), sort_keys=True)
         return hashlib.sha1(canonical.encode()).hexdigest()
+
+
+def python_display(func: str, args: Any = (), kwargs: dict[str, Any] | None = None,
+                   limit: int = 200) -> str:
+    """``python: pkg.mod:fn(1, "a", k=2)``: what ``tasks``/``status`` show for a python
+    task, since it has no shell command; long argument lists are shortened."""
+    parts = [json.dumps(a, separators=(",", ":")) for a in args]
+    parts += [f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in (kwargs or {}).items()]
+    inner = ", ".join(parts)
+    if len(inner) > limit:
+        inner = inner[: limit - 3] + "..."
+    return f"python: {func}({inner})"

@@ -457,6 +457,94 @@ class Store:
     def close(self) -> None:
         self.redis.close()
 
+    # -- paged read models (watch, dashboard, metrics) ----------------------
+    # Each costs a bounded number of commands whatever the number of tasks:
+    # they read counters, the capped event stream, ranges of the dense task
+    # ids ``J.1 .. J.n`` and ranges of the ``failed``/``running`` sorted sets.
+    def task_page(self, job_id: str, first: int, count: int,
+                  fields: Sequence[str]) -> list[dict[str, str]]:
+        """Tasks ``job_id.first`` .. ``job_id.(first+count-1)``: one pipelined HMGET each."""
+        ids = [f"{job_id}.{i}" for i in range(max(first, 1), max(first, 1) + count)]
+        return self.tasks(ids, fields=fields)
+
+    def state_set_page(self, state: str, start: int, count: int) -> tuple[list[str], int]:
+        """Ids of the ``failed`` (by finish time) or ``running`` (by lease deadline) set,
+        ranks ``start`` .. ``start+count-1``, and the size of the set."""
+        if state not in ("failed", "running"):
+            raise ValueError(f"no index for state {state!r}")
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrange(self.key(state), start, start + count - 1)
+        pipe.zcard(self.key(state))
+        ids, total = pipe.execute()
+        return list(ids), int(total)
+
+    def worker_task_ids(self, names: Sequence[str]) -> dict[str, list[str]]:
+        """Task ids each worker holds leases on (one pipelined SMEMBERS per worker)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            pipe.smembers(self.key("worker", name, "tasks"))
+        return {name: sorted(ids) for name, ids in zip(names, pipe.execute(), strict=True)}
+
+    # -- python tasks: payloads and results (binary, so on their own connection) ----
+    def _binary(self) -> redis.Redis:
+        """A connection that returns bytes: pickles are not text."""
+        raw = getattr(self, "_raw", None)
+        if raw is None:
+            raw = redis.Redis.from_url(self.url, decode_responses=False,
+                                       socket_timeout=self.redis.connection_pool
+                                       .connection_kwargs.get("socket_timeout"),
+                                       socket_connect_timeout=5)
+            self._raw = raw
+        return raw
+
+    def payload_key(self, ident: str) -> str:
+        """``P payload:<id>``: a cloudpickled ``(fn, args, kwargs)`` of a python task."""
+        return self.key("payload", ident)
+
+    def put_payloads(self, blobs: dict[str, bytes]) -> None:
+        """Store payloads (by full key) before the tasks naming them are submitted."""
+        pipe = self._binary().pipeline(transaction=False)
+        for key, blob in blobs.items():
+            pipe.set(key, blob)
+        pipe.execute()
+
+    def get_payloads(self, keys: Sequence[str]) -> list[bytes | None]:
+        if not keys:
+            return []
+        return cast(list[bytes | None], self._binary().mget(list(keys)))
+
+    def delete_payloads(self, keys: Sequence[str]) -> None:
+        for chunk in _chunks(keys, 1000):
+            self._binary().delete(*chunk)
+
+    def events_key(self) -> str:
+        return self.key("events")
+
+    def last_event_id(self) -> str:
+        """Id of the newest event (``0-0`` if none): where a new listener starts."""
+        entries = self.redis.xrevrange(self.key("events"), count=1)
+        return str(entries[0][0]) if entries else "0-0"
+
+    def read_events(self, after: str, *, block_ms: int, count: int = 1000
+                    ) -> list[tuple[str, dict[str, str]]]:
+        """Events after ``after``, waiting up to ``block_ms`` for the first one."""
+        reply = cast(list[Any], self.redis.xread({self.key("events"): after}, count=count,
+                                                  block=block_ms))
+        if not reply:
+            return []
+        return cast(list[tuple[str, dict[str, str]]], reply[0][1])
+
+    def task_fields(self, task_ids: Sequence[str], fields: Sequence[str]
+                    ) -> list[list[str | None]]:
+        """The given fields of each task, in order, in one round trip per 2000 tasks."""
+        out: list[list[str | None]] = []
+        for chunk in _chunks(task_ids, 2000):
+            pipe = self.redis.pipeline(transaction=False)
+            for tid in chunk:
+                pipe.hmget(self.key("task", tid), list(fields))
+            out += pipe.execute()
+        return out
+
 
 def _job_from_hash(raw: dict[str, str]) -> JobInfo:
     return JobInfo(

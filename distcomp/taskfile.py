@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from distcomp.spec import (
+    FUNC_REF_RE,
     PRIORITY_MAX,
     PRIORITY_MIN,
     TASK_KINDS,
@@ -285,6 +286,101 @@ def _field_tags(value: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
+def _field_func(value: Any) -> str:
+    func = _as_str(value, "func").strip()
+    if not FUNC_REF_RE.match(func):
+        raise FieldError("func", f"cannot read function reference {func!r}; "
+                         "write 'pkg.module:function'")
+    return func
+
+
+def _field_args(value: Any) -> tuple[Any, ...]:
+    if not isinstance(value, list):
+        raise FieldError("args", f"expected a list of arguments, got {value!r}")
+    return tuple(value)
+
+
+def _field_kwargs(value: Any) -> tuple[tuple[str, Any], ...]:
+    if not isinstance(value, dict):
+        raise FieldError("kwargs", f"expected a table/object of keyword arguments, got {value!r}")
+    for key in value:
+        if not isinstance(key, str) or not key.isidentifier():
+            raise FieldError("kwargs", f"invalid keyword argument name {key!r}")
+    return tuple(sorted(value.items()))
+
+
+def _json_or_str(token: str) -> Any:
+    """A python line's argument value: single quotes only group words (and are
+    removed); the text is then a JSON value if it parses as one, else a string."""
+    if len(token) >= 2 and token[0] == token[-1] == "'":
+        token = token[1:-1]
+    try:
+        return json.loads(token)
+    except ValueError:
+        return token
+
+
+def _split_arguments(text: str) -> list[str]:
+    """Split on whitespace outside quotes, keeping the quotes: ``"a b"`` stays a JSON
+    string and ``{"k":1}`` keeps its inner quotes (a shell split would eat them)."""
+    tokens: list[str] = []
+    current: list[str] = []
+    quote = ""
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if quote:
+            current.append(char)
+            if char == "\\" and quote == '"' and i + 1 < len(text):
+                current.append(text[i + 1])
+                i += 1
+            elif char == quote:
+                quote = ""
+        elif char.isspace():
+            if current:
+                tokens.append("".join(current))
+                current = []
+        else:
+            if char in "\"'":
+                quote = char
+            current.append(char)
+        i += 1
+    if quote:
+        raise FieldError("args", f"cannot split the arguments: no closing {quote} quote")
+    if current:
+        tokens.append("".join(current))
+    return tokens
+
+
+def parse_python_call(text: str) -> tuple[str, tuple[Any, ...], tuple[tuple[str, Any], ...]]:
+    """``pkg.mod:fn 1 "two words" x=[1,2] name=bob`` -> (func, args, kwargs).
+
+    Arguments are separated by whitespace outside quotes. Each is a JSON value if
+    it parses as one (``1``, ``2.5``, ``true``, ``null``, ``[1,2]``, ``{"k":1}``,
+    ``"7"`` for the string 7), else a plain string (``bob``, ``data/x.csv``).
+    Single quotes group words containing spaces: ``'{"k": 1}'``, ``'two words'``.
+    ``name=value`` (``name`` an identifier) is a keyword argument; keywords come
+    after the positional arguments, as in Python.
+    """
+    tokens = _split_arguments(text)
+    if not tokens:
+        raise FieldError("func", "missing; write 'pkg.module:function' and its arguments")
+    func = _field_func(tokens[0])
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    for token in tokens[1:]:
+        name, eq, value = token.partition("=")
+        if eq and name.isidentifier():
+            if name in kwargs:
+                raise FieldError("args", f"keyword argument {name!r} given twice")
+            kwargs[name] = _json_or_str(value)
+        elif kwargs:
+            raise FieldError("args", f"positional argument {token!r} after keyword arguments")
+        else:
+            args.append(_json_or_str(token))
+    return func, tuple(args), tuple(sorted(kwargs.items()))
+
+
 #: field name -> (TaskSpec attribute, converter)
 _FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "cmd": ("cmd", _field_cmd),
@@ -302,6 +398,9 @@ _FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "cwd": ("cwd", lambda v: _as_str(v, "cwd")),
     "tags": ("tags", _field_tags),
     "resources": ("resources", _field_resources),
+    "func": ("func", _field_func),
+    "args": ("args", _field_args),
+    "kwargs": ("kwargs", _field_kwargs),
 }
 
 #: Field names accepted by JSON Lines, TOML and :func:`spec_from_fields`.
@@ -338,6 +437,10 @@ def _convert_fields(fields: Mapping[str, Any]) -> tuple[dict[str, Any], list[Fie
 
 
 def _build(values: Mapping[str, Any], label: str) -> TaskSpec:
+    if "func" in values and "kind" not in values:
+        values = {**values, "kind": "python"}  # func = "..." alone says what it is
+    if values.get("kind") == "python" and "cmd" not in values:
+        values = {**values, "cmd": ""}  # TaskSpec writes a readable one
     if "cmd" not in values:
         raise FieldError("cmd", "missing; every task needs a command to run")
     return TaskSpec(**values, source=label)
@@ -391,15 +494,22 @@ def _parse_line(text: str, problems: _Problems, line: int) -> TaskSpec | None:
     elif kind not in TASK_KINDS:
         errors.append(
             FieldError(
-                "type", f"task type {kind!r} is not supported in this format yet; write 'shell'"
+                "type", f"unknown task type {kind!r}; write 'shell' or 'python'"
             )
         )
     columns: list[tuple[str, Any, Callable[[Any], Any]]] = [
         ("priority", priority, _FIELDS["priority"][1]),
         ("mem", mem, _field_mem),
         ("cpus", cpus, _FIELDS["cpus"][1]),
-        ("cmd", cmd, _field_cmd),
     ]
+    if kind == "python":
+        values["kind"] = "python"
+        try:
+            values["func"], values["args"], values["kwargs"] = parse_python_call(cmd)
+        except FieldError as err:
+            errors.append(err)
+    else:
+        columns.append(("cmd", cmd, _field_cmd))
     for attr, raw, convert in columns:
         try:
             values[attr] = convert(raw)
@@ -482,7 +592,7 @@ def _header_lines(text: str, pattern: re.Pattern[str]) -> list[int]:
     return [n for n, raw in enumerate(text.split("\n"), start=1) if pattern.match(raw)]
 
 
-def _key_line(text: str, key: str) -> int:
+def toml_key_line(text: str, key: str) -> int:
     """Best-effort line of a top-level key or table header; 1 when not found."""
     pattern = re.compile(rf"^\s*(?:\[\[?\s*)?[\"']?{re.escape(key)}[\"']?\s*[\]=.]")
     for number, raw in enumerate(text.split("\n"), start=1):
@@ -520,7 +630,7 @@ def _toml_defaults(doc: Mapping[str, Any], text: str, problems: _Problems) -> di
     """Converted once and reported once, at the ``[defaults]`` header, not per task."""
     raw = doc.get("defaults", {})
     headers = _header_lines(text, _DEFAULTS_HEADER_RE)
-    line = headers[0] if headers else _key_line(text, "defaults")
+    line = headers[0] if headers else toml_key_line(text, "defaults")
     if not isinstance(raw, dict):
         problems.add(line, None, "'defaults' must be a table; write [defaults] and fields under it")
         return {}
@@ -534,7 +644,7 @@ def _toml_tasks(doc: Mapping[str, Any], text: str, problems: _Problems) -> list[
     tasks = doc.get("task", [])
     if not isinstance(tasks, list):
         problems.add(
-            _key_line(text, "task"),
+            toml_key_line(text, "task"),
             None,
             "'task' must be an array of tables; write each task under its own [[task]] header",
         )
@@ -550,7 +660,7 @@ def _check_top_level(doc: Mapping[str, Any], text: str, problems: _Problems) -> 
             continue
         close = difflib.get_close_matches(key, ("defaults", "task"), n=1)
         fix = f"did you mean {close[0]!r}?" if close else "only [defaults] and [[task]] are allowed"
-        problems.add(_key_line(text, key), None, f"unknown top-level key {key!r}; {fix}")
+        problems.add(toml_key_line(text, key), None, f"unknown top-level key {key!r}; {fix}")
 
 
 def parse_toml(text: str, source: str, *, max_problems: int = 20) -> list[TaskSpec]:
@@ -570,7 +680,7 @@ def parse_toml(text: str, source: str, *, max_problems: int = 20) -> list[TaskSp
     defaults = _toml_defaults(doc, text, problems)
     tasks = _toml_tasks(doc, text, problems)
     headers = _header_lines(text, _TASK_HEADER_RE)
-    fallback = _key_line(text, "task")
+    fallback = toml_key_line(text, "task")
     specs: list[TaskSpec] = []
     for index, task in enumerate(tasks):
         line = headers[index] if index < len(headers) else fallback

@@ -22,10 +22,13 @@ process stops the orphans of a worker that does not come back within its lease.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
+import io
 import logging
 import os
+import pickle
 import selectors
 import signal
 import socket
@@ -102,6 +105,17 @@ class WorkerConfig:
     guardian: bool = True
     #: Stop once this returns True while the worker has nothing running (``run``).
     exit_when: Callable[[], bool] | None = None
+    #: Run python tasks that carry a pickled callable. Off by default: anyone who can
+    #: write to the queue could run any code here (reference-style tasks always run).
+    allow_pickle: bool = False
+    #: Prepended to PYTHONPATH for python tasks, so ``pkg.module:function`` imports.
+    pythonpath: list[str] = field(default_factory=list)
+    #: The interpreter python tasks run in (default: the worker's own).
+    python: str = sys.executable
+    #: Python results up to this size go into the task record; larger ones stay in a
+    #: file (``result_dir``, else beside the logs) whose path is recorded.
+    result_max_bytes: int = 1024 * 1024
+    result_dir: Path | None = None
 
 
 @dataclass
@@ -154,6 +168,10 @@ class _Report:
     peak: int = 0
     alone: bool = False
     mem: int = 0
+    #: False: a failure no retry can fix (e.g. a pickled task on a worker refusing them).
+    retryable: bool = True
+    #: Files of the attempt to delete once the report is in (python call/result files).
+    cleanup: list[Path] = field(default_factory=list)
 
 
 @dataclass
@@ -381,7 +399,7 @@ class Worker:
             del self.running[tid]
             self._selector_forget(item)
             item.usage.peak = max(item.usage.peak, outcome.peak_rss)
-            self.guard.observe(item.claim.job_id, item.usage)
+            self.guard.observe(item.claim.job_id, item.usage, item.claim.task_id)
             if item.abandoned:
                 self._forget(tid, item.proc.status_path)
                 continue
@@ -400,7 +418,11 @@ class Worker:
                 self.running[tid].abandoned = True
                 self.running[tid].proc.terminate("cancelled")
         if now >= self.timers.sample:
-            self.timers.sample = now + self.config.sample_interval
+            # Sample faster while memory is tight: growth between two samples is
+            # what the low-water mark has to absorb.
+            tight = self.guard.last_headroom < 2 * self.guard.marks.high
+            self.timers.sample = now + (min(0.1, self.config.sample_interval) if tight
+                                        else self.config.sample_interval)
             for item in self.running.values():
                 item.usage.add(now, item.proc.sample_rss())
                 limit = item.claim.spec.mem_limit
@@ -415,7 +437,7 @@ class Worker:
         would lift headroom back above it."""
         for item in self.running.values():
             if len(item.usage.samples) >= 2:
-                self.guard.observe(item.claim.job_id, item.usage)
+                self.guard.observe(item.claim.job_id, item.usage, item.claim.task_id)
         live = [r for r in self.running.values() if not r.proc.kill_sent_at]
         dying = sum(r.usage.current for r in self.running.values() if r.proc.kill_sent_at)
         for verdict in self.guard.check([r.candidate() for r in live], dying):
@@ -521,11 +543,34 @@ class Worker:
             self._went_offline(exc)
             return 0
         self._came_online()
+        payloads = self._payloads(claims)
         for claim in claims:
-            self._start(claim, free_gpus)
+            self._start(claim, free_gpus, payloads)
         return len(claims)
 
-    def _start(self, claim: Claim, free_gpus: list[int]) -> None:
+    def _payloads(self, claims: list[Claim]) -> dict[str, bytes | None]:
+        """The pickled payloads of this batch's python tasks, in one round trip."""
+        keys = [c.spec.payload for c in claims
+                if c.spec.payload is not None and self.config.allow_pickle]
+        if not keys:
+            return {}
+        try:
+            return dict(zip(keys, self.store.get_payloads(keys), strict=True))
+        except _REDIS_ERRORS as exc:
+            log.warning("cannot fetch python payloads: %s", exc)
+            return {}
+
+    def _start(self, claim: Claim, free_gpus: list[int],
+               payloads: dict[str, bytes | None] | None = None) -> None:
+        if claim.spec.payload is not None and not self.config.allow_pickle:
+            self.stats.started += 1
+            self.outbox.append(_Report(
+                "fail", claim.task_id, claim.token, {"host": self.host}, spec=claim.spec,
+                retryable=False,
+                reason=f"worker {self.name} refuses pickled Python tasks (start it with "
+                       "--allow-pickle if everyone who can write to this queue may run "
+                       "code on it, or submit a 'pkg.module:function' reference)"))
+            return
         gpus = [free_gpus.pop(0) for _ in range(min(claim.spec.gpus, len(free_gpus)))]
         cores: list[int] = []
         if self.config.pin:
@@ -534,7 +579,9 @@ class Worker:
         self.stats.started += 1
         try:
             proc = runner.start(claim.spec, claim.task_id, claim.attempt, self.log_dir,
-                                tag=self.tag, gpus=gpus, cores=cores)
+                                tag=self.tag, gpus=gpus, cores=cores,
+                                payload=(payloads or {}).get(claim.spec.payload or ""),
+                                pythonpath=self.config.pythonpath, python=self.config.python)
         except runner.LaunchError as exc:
             self.outbox.append(_Report("fail", claim.task_id, claim.token,
                                        {"host": self.host}, reason=str(exc), spec=claim.spec))
@@ -611,6 +658,17 @@ class Worker:
         }
         tid, token, status = item.claim.task_id, item.claim.token, item.proc.status_path
         spec = item.claim.spec
+        cleanup: list[Path] = []
+        py_error = ""
+        if spec.kind == "python":
+            py_error, cleanup = self._python_result(item, outcome, result)
+        if not item.preempted and sig == signal.SIGKILL and not outcome.reason \
+                and self._kernel_oom_killed():
+            # The kernel acted before the guard could: treat it as the guard's own
+            # preemption (requeue with the learned requirement), not as a failure.
+            item.preempted = True
+            item.alone = len(self.running) == 0
+            outcome.reason = "killed by the kernel OOM killer"
         if item.preempted:
             return _Report("preempt", tid, token, result, reason=outcome.reason,
                            peak=int(result["peak_rss"]), alone=item.alone, mem=item.mem,
@@ -618,10 +676,13 @@ class Worker:
         if item.requeue_reason:
             return _Report("requeue", tid, token, result, reason=item.requeue_reason,
                            status_path=status, spec=spec)
-        if outcome.ok:
-            return _Report("complete", tid, token, result, status_path=status, spec=spec)
+        if outcome.ok and not py_error:
+            return _Report("complete", tid, token, result, status_path=status, spec=spec,
+                           cleanup=cleanup)
         if outcome.reason:
             reason = outcome.reason
+        elif py_error:
+            reason = py_error
         elif sig == signal.SIGKILL and self._kernel_oom_killed():
             reason = "killed by the kernel OOM killer"
         elif sig is not None:
@@ -629,7 +690,43 @@ class Worker:
         else:
             hint = _EXIT_HINTS.get(outcome.exit_code or 0, "")
             reason = f"exit code {outcome.exit_code}{hint}"
-        return _Report("fail", tid, token, result, reason=reason, status_path=status, spec=spec)
+            if spec.kind == "python" and err_tail.strip():
+                reason += ": " + err_tail.strip().splitlines()[-1][:300]
+        return _Report("fail", tid, token, result, reason=reason, status_path=status, spec=spec,
+                       cleanup=cleanup)
+
+    def _python_result(self, item: Running, outcome: runner.Outcome, result: dict[str, Any]
+                       ) -> tuple[str, list[Path]]:
+        """Put a python task's result (or raised exception) into the report: inline
+        (base64) up to ``result_max_bytes``, else as a file path. Returns an error
+        reason ("" if none) and the files to delete once the report is in."""
+        call_path, result_path = runner.python_paths(item.proc.status_path)
+        cleanup = [call_path, result_path]
+        result["result"] = ""
+        result["result_path"] = ""
+        result["result_size"] = ""
+        try:
+            size = result_path.stat().st_size
+        except OSError:
+            return "", cleanup  # died without a result (signal, kill): reported as such
+        result["result_size"] = size
+        try:
+            if size <= self.config.result_max_bytes:
+                data = result_path.read_bytes()
+                result["result"] = base64.b64encode(data).decode()
+                return _python_error_reason(data), cleanup
+            kept = result_path
+            if self.config.result_dir is not None:
+                kept = (self.config.result_dir / self.store.queue /
+                        f"{item.claim.task_id}.{item.claim.attempt}.result").absolute()
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(result_path, kept)
+            result["result_path"] = str(kept)
+            return _python_error_reason_file(kept), [call_path]
+        except OSError as exc:
+            cap = format_size(self.config.result_max_bytes)
+            return (f"the result ({format_size(size)}) is over the {cap} cap for the task "
+                    f"record and could not be kept as a file: {exc}"), cleanup
 
     def _kernel_oom_killed(self) -> bool:
         """A SIGKILL we did not send, while the kernel's OOM-kill counter moved."""
@@ -647,6 +744,9 @@ class Worker:
     def _send(self, report: _Report) -> None:
         self._apply(report)
         self._forget(report.task_id, report.status_path)
+        for path in report.cleanup:
+            with contextlib.suppress(OSError):
+                path.unlink()
 
     def _apply(self, report: _Report) -> None:
         if report.kind == "complete":
@@ -658,7 +758,8 @@ class Worker:
         elif report.kind == "fail":
             spec = report.spec
             status = self.store.fail(report.task_id, report.token, report.reason, report.result,
-                                     retry_delay=(spec.retry_delay or 0.0) if spec else 0.0)
+                                     retry_delay=(spec.retry_delay or 0.0) if spec else 0.0,
+                                     retryable=report.retryable)
             if status == "stale":
                 self.stats.stale += 1
             elif status == "failed":
@@ -683,6 +784,8 @@ class Worker:
             learned = max(learned, self.memory + 1)
             no_fit = (f"needs more memory than this node has (peak {format_size(report.peak)}"
                       f" of {format_size(self.memory)})")
+            if report.reason.startswith("killed by the kernel"):
+                no_fit = f"{report.reason}: {no_fit}"
         else:
             no_fit = (f"needs {format_size(learned)} (peak {format_size(report.peak)}), "
                       "more than any live worker has")
@@ -823,6 +926,50 @@ def _visible_gpus(pid: int) -> list[int]:
     except psutil.Error:
         return []
     return [int(g) for g in value.split(",") if g.strip().isdigit()]
+
+
+class _NoClassesUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+
+def _python_error_reason(data: bytes) -> str:
+    """"raised ValueError: bad input" from a result file's bytes, or "" if it holds a
+    value. Reads only the header fields, never unpickles the user's exception here."""
+    if b"error" not in data[:64]:
+        return ""  # the record's tag comes first: this is a value, not unpickled here
+    try:
+        record = _load_result_header(data)
+    except Exception:  # a corrupt result file is itself the failure
+        return "the task's result file could not be read"
+    if record[0] == "ok":
+        return ""
+    name, message = str(record[2]), str(record[3])
+    short = name.rsplit(".", 1)[-1] if name.startswith("builtins.") else name
+    text = f"raised {short}: {message}" if message else f"raised {short}"
+    return text[:500]
+
+
+def _python_error_reason_file(path: Path) -> str:
+    """Like :func:`_python_error_reason`, for a result too large to keep inline. An
+    error record is small, so a large file is nearly always a value."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(64)
+    except OSError:
+        return "the task's result file could not be read"
+    return _python_error_reason(path.read_bytes()) if b"error" in head else ""
+
+
+def _load_result_header(data: bytes) -> tuple[Any, ...]:
+    """Unpickle a result record without importing any type: an error record holds only
+    str/bytes/None (the exception stays a nested pickle), and the worker must never
+    run task code by unpickling it."""
+    try:
+        record = _NoClassesUnpickler(io.BytesIO(data)).load()
+    except pickle.UnpicklingError:
+        return ("ok",)  # an error record holds only str/bytes/None: this is a value
+    return tuple(record)
 
 
 #: What the shell means by these statuses, so a reason reads without a manual.

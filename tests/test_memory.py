@@ -82,7 +82,7 @@ def test_admission_waits_for_a_new_job_then_uses_its_profile() -> None:
     assert guard.admission([young], now + 0.1) == (0, 0)  # on probation
     young.usage.add(now + 0.5, 500 * MIB)
     young.usage.add(now + 1.0, 1000 * MIB)
-    guard.observe("7", young.usage)
+    guard.observe("7", young.usage, "7.1")
     budget, count = guard.admission([young], now + 1.1)
     assert budget <= 0 or count == 0  # growing 1 GiB/s: nothing else may start
     done = usage_of((0, 1000 * MIB))
@@ -274,8 +274,9 @@ def test_mem_limit_kills_the_task(store: Store, tmp_path: Path) -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create a memory cgroup")
 def test_kernel_oom_kill_is_recorded_distinctly(store: Store, tmp_path: Path) -> None:
-    """With the guard switched off, the kernel's OOM killer acts; the task's reason
-    says so instead of a bare SIGKILL."""
+    """With the guard switched off, the kernel's OOM killer acts; it is handled like a
+    preemption, and as the task ran alone it fails, with a reason that says so
+    instead of a bare SIGKILL."""
     store.submit([TaskSpec(cmd=hog(600, 1.0, hold_s=2))])
     with memory_box(300 * MIB) as (prefix, group):
         if group is None:
@@ -287,4 +288,7 @@ def test_kernel_oom_kill_is_recorded_distinctly(store: Store, tmp_path: Path) ->
         finally:
             stop(proc)
     task = store.task("1.1")
-    assert task is not None and task["reason"] == "killed by the kernel OOM killer"
+    assert task is not None and task["state"] == "failed"
+    assert task["reason"].startswith("killed by the kernel OOM killer: needs more memory "
+                                     "than this node has"), task["reason"]
+    assert int(task["preempts"]) == 1

@@ -104,7 +104,8 @@ def test_empty_line_file_gives_no_tasks() -> None:
         ("shell:" + "1" * 5000 + ":1:1:true", "priority", "integer"),
         ("shell:1:1:1.5:true", "cpus", "integer"),
         ("shell:1:1:1", None, "type:priority:min_dram_GB:min_cpu:command"),
-        ("python:1:1:1:run.py", "type", "task type 'python' is not supported"),
+        ("python:1:1:1:run.py", "func", "cannot read function reference"),
+        ("perl:1:1:1:run.pl", "type", "unknown task type 'perl'"),
         ("shell:1:1:1:   ", "cmd", "empty"),
     ],
 )
@@ -232,7 +233,8 @@ FULL_SPEC = TaskSpec(
 
 
 def test_known_fields_are_the_documented_ones() -> None:
-    assert set(KNOWN_FIELDS) == set(FULL_FIELDS)
+    # + the python-task fields, tested in test_python_tasks.py
+    assert set(KNOWN_FIELDS) == set(FULL_FIELDS) | {"func", "args", "kwargs"}
 
 
 def test_jsonl_all_fields() -> None:
@@ -397,7 +399,8 @@ def test_spec_from_fields_builds_and_skips_none() -> None:
         ({"cmd": "x", "env": {"A": [1]}}, "env"),
         ({"cmd": "x", "tags": [1]}, "tags"),
         ({"cmd": "x", "gpus": True}, "gpus"),
-        ({"cmd": "x", "type": "python"}, "type"),
+        ({"cmd": "x", "type": "python"}, "func"),
+        ({"cmd": "x", "type": "perl"}, "type"),
         ({"cmd": "x", "prio": 1}, "prio"),
     ],
 )

@@ -1,0 +1,544 @@
+"""Python API for python tasks: futures resolved from the event stream, and
+:class:`Executor`, a real :class:`concurrent.futures.Executor`.
+
+How a call travels: the client cloudpickles ``(fn, args, kwargs)`` into
+``P payload:<id>`` (see ``store``), then submits a ``kind="python"`` task naming
+that key, in one atomic ``submit`` per batch (``map`` of 10,000 calls is one
+job, one script call). A worker runs it in a fresh interpreter
+(``distcomp.pytask``) under the usual wrapper and puts the pickled outcome into
+the task record (or a file, past the size cap).
+
+How a future resolves: each :class:`Client` has at most one listener thread,
+blocked in ``XREAD`` on the queue's event stream. A ``claim`` event marks the
+future running; ``succeeded``/``failed``/``cancelled`` make the listener read
+the outcome fields of those tasks (one pipelined read per batch of events) and
+set the futures. No future polls. The stream is capped (about 10,000 entries),
+so a client that fell far behind could miss an event: whenever the stream has
+been quiet for a few seconds the listener checks the states of the futures
+still pending, in one pipelined read, as a safety net.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures as cf
+import contextlib
+import logging
+import os
+import reprlib
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import cloudpickle
+import redis
+
+from .pytask import run_chunk
+from .spec import TaskSpec, parse_duration, parse_size
+from .store import Store
+
+if TYPE_CHECKING:
+    from .client import Client
+    from .store import JobInfo
+    from .worker import Stats, Worker
+
+log = logging.getLogger("distcomp.executor")
+
+#: Keyword arguments of ``submit``/``map`` that are task options, not the function's.
+#: A function taking a keyword of one of these names gets it through functools.partial.
+OPTION_NAMES = ("mem", "cpus", "gpus", "priority", "timeout", "retries", "tags", "name")
+
+_OUTCOME_FIELDS = ("state", "result", "result_path", "result_size", "reason", "host")
+_FINAL_EVENTS = ("succeeded", "failed", "cancelled")
+#: Seconds of a quiet stream after which pending futures are checked (safety net).
+_RECONCILE_AFTER = 5.0
+
+
+class RemoteError(Exception):
+    """A python task failed without an exception we could rebuild here: it crashed
+    (signal, out of memory, timeout), or its exception could not be unpickled."""
+
+    def __init__(self, message: str, task_id: str = "", reason: str = "") -> None:
+        super().__init__(message)
+        self.task_id = task_id
+        self.reason = reason
+
+
+class ResultUnavailableError(RemoteError):
+    """The result is larger than the record's cap and its file is not readable here."""
+
+
+class RemoteTraceback(Exception):
+    """Carries the task's traceback text; set as ``__cause__`` of the re-raised
+    exception so the usual traceback display shows where it went wrong remotely."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.tb}"""'
+
+
+class TaskFuture(cf.Future[Any]):
+    """A future for one python task; ``cancel()`` cancels the task in the queue
+    while it is still queued (a running task cannot be cancelled, as in the stdlib)."""
+
+    def __init__(self, api: PythonTasks, task_id: str) -> None:
+        super().__init__()
+        self.task_id = task_id
+        self._api = api
+
+    @property
+    def job_id(self) -> str:
+        return self.task_id.split(".", 1)[0]
+
+    def cancel(self) -> bool:
+        if self.done():
+            return self.cancelled()
+        if self.running():
+            return False
+        if not self._api.cancel_queued([self.task_id]):
+            return self.cancelled()
+        return _mark_cancelled(self)
+
+
+def _mark_cancelled(fut: cf.Future[Any]) -> bool:
+    """Cancel locally and notify waiters (``wait``/``as_completed`` count a future as
+    done only once ``set_running_or_notify_cancel`` saw it cancelled)."""
+    if not cf.Future.cancel(fut):
+        return False
+    with contextlib.suppress(RuntimeError):
+        fut.set_running_or_notify_cancel()
+    return True
+
+
+def _display(fn: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> str:
+    """What ``distcomp tasks`` shows for a pickled call: ``python: mod.fn(1, 'a')``."""
+    name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+    short = reprlib.Repr()
+    short.maxstring, short.maxother = 40, 40
+    parts = [short.repr(a) for a in args] + [f"{k}={short.repr(v)}" for k, v in kwargs.items()]
+    inner = ", ".join(parts)
+    return f"python: {name}({inner[:200]})"
+
+
+def _task_spec(payload: str, display: str, options: dict[str, Any]) -> TaskSpec:
+    unknown = set(options) - set(OPTION_NAMES)
+    if unknown:
+        raise TypeError(f"unknown task options: {', '.join(sorted(unknown))}")
+    mem = options.get("mem")
+    timeout = options.get("timeout")
+    return TaskSpec(
+        cmd=display, kind="python", payload=payload,
+        mem=parse_size(mem) if mem is not None else 0,
+        cpus=options.get("cpus", 1), gpus=options.get("gpus", 0),
+        priority=options.get("priority", 0),
+        timeout=parse_duration(timeout) if timeout is not None else None,
+        retries=options.get("retries"), tags=tuple(options.get("tags", ())),
+        name=options.get("name"))
+
+
+def decode_outcome(task_id: str, fields: dict[str, str | None]) -> tuple[bool, Any]:
+    """(True, value) or (False, exception) from a finished task's record fields."""
+    state = fields.get("state")
+    reason = fields.get("reason") or ""
+    if state == "cancelled":
+        return False, cf.CancelledError(f"task {task_id} was cancelled: {reason}")
+    data: bytes | None = None
+    try:
+        if fields.get("result"):
+            data = base64.b64decode(fields["result"] or "")
+        elif fields.get("result_path"):
+            path = Path(fields["result_path"] or "")
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                return False, ResultUnavailableError(
+                    f"the result of task {task_id} ({fields.get('result_size')} bytes, over "
+                    f"the worker's --result-max-bytes) is in {path} on {fields.get('host')}, "
+                    f"which is not readable here ({exc.strerror}); give the workers a "
+                    "--result-dir this machine shares, or raise --result-max-bytes",
+                    task_id, reason)
+    except (ValueError, TypeError) as exc:
+        return False, RemoteError(f"task {task_id}: corrupt result: {exc}", task_id, reason)
+    if data is None:
+        if state == "succeeded":
+            return False, RemoteError(f"task {task_id} succeeded but left no result",
+                                      task_id, reason)
+        return False, RemoteError(f"task {task_id} failed: {reason}", task_id, reason)
+    try:
+        record = cloudpickle.loads(data)
+    except Exception as exc:  # a type that does not import here
+        return False, RemoteError(f"task {task_id}: cannot unpickle its result here: "
+                                  f"{type(exc).__name__}: {exc}", task_id, reason)
+    if record[0] == "ok":
+        return True, record[1]
+    return False, _exception_from(task_id, record, reason)
+
+
+def _exception_from(task_id: str, record: tuple[Any, ...], reason: str) -> BaseException:
+    _, blob, name, message, tb = record
+    exc: Any = None
+    if blob is not None:
+        with contextlib.suppress(Exception):
+            exc = cloudpickle.loads(blob)
+    if not isinstance(exc, BaseException):
+        exc = RemoteError(f"task {task_id} raised {name}: {message}", task_id, reason)
+    exc.__cause__ = RemoteTraceback(tb)
+    if hasattr(exc, "add_note"):
+        exc.add_note(f"(raised in distcomp task {task_id})")
+    return exc  # type: ignore[no-any-return]
+
+
+class PythonTasks:
+    """Submission and the one listener that resolves futures, for one Client."""
+
+    def __init__(self, store: Store) -> None:
+        # Our own connections: the listener blocks in XREAD on one of them.
+        self.store = Store(store.url, store.queue)
+        self._events = Store(store.url, store.queue)
+        self._lock = threading.Lock()
+        self._pending: dict[str, TaskFuture] = {}
+        self._after: str | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # -- submitting ------------------------------------------------------
+    def submit_calls(self, fn: Callable[..., Any],
+                     calls: Sequence[tuple[Sequence[Any], dict[str, Any]]],
+                     options: dict[str, Any], *, job_name: str = "") -> list[TaskFuture]:
+        """Submit many calls of ``fn`` as one job, atomically."""
+        if not calls:
+            return []
+        self._ensure_listener()
+        blobs: dict[str, bytes] = {}
+        specs: list[TaskSpec] = []
+        for args, kwargs in calls:
+            key = self.store.payload_key(uuid.uuid4().hex)
+            blobs[key] = cloudpickle.dumps((fn, tuple(args), kwargs))
+            display = _display(run_chunk if fn is run_chunk else fn, args, kwargs)
+            specs.append(_task_spec(key, display, options))
+        self.store.put_payloads(blobs)
+        name = job_name or f"python: {getattr(fn, '__qualname__', 'call')}"
+        result = self.store.submit(specs, job_name=name, allow_duplicates=True)
+        futures = [TaskFuture(self, tid) for tid in result.task_ids]
+        with self._lock:
+            for fut in futures:
+                self._pending[fut.task_id] = fut
+        return futures
+
+    def cancel_queued(self, task_ids: Sequence[str]) -> list[str]:
+        """Cancel those of the tasks that are still queued (not running ones), in two
+        round trips however many; returns those it cancelled. (A task claimed between
+        the read and the cancel is cancelled too, and its future set to CancelledError
+        by the listener.)"""
+        if not task_ids:
+            return []
+        rows = self.store.task_fields(task_ids, ["state"])
+        queued = [tid for tid, row in zip(task_ids, rows, strict=True) if row[0] == "queued"]
+        if queued:
+            self.store.cancel(queued, reason="cancelled through its future")
+        return queued
+
+    def cancel_futures(self, futures: Sequence[TaskFuture]) -> None:
+        """``cancel()`` for many futures at once."""
+        waiting = [f for f in futures if not f.done() and not f.running()]
+        cancelled = set(self.cancel_queued([f.task_id for f in waiting]))
+        for fut in waiting:
+            if fut.task_id in cancelled:
+                _mark_cancelled(fut)
+
+    def futures_of(self, task_ids: Sequence[str]) -> list[TaskFuture]:
+        """Futures for tasks submitted by anyone (e.g. ``client.job(...)``); resolved by
+        the listener like our own, or at once if already finished."""
+        self._ensure_listener()
+        futures = []
+        with self._lock:
+            for tid in task_ids:
+                fut = self._pending.get(tid) or TaskFuture(self, tid)
+                self._pending[tid] = fut
+                futures.append(fut)
+        self._reconcile(list(task_ids))
+        return futures
+
+    # -- the listener ----------------------------------------------------
+    def _ensure_listener(self) -> None:
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            if self._after is None:
+                # Taken before our first submission, so no completion can slip past.
+                self._after = self._events.last_event_id()
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._listen, name="distcomp-futures",
+                                            daemon=True)
+            self._thread.start()
+
+    def _listen(self) -> None:
+        quiet_since = time.monotonic()
+        backoff = 0.1
+        while not self._stop.is_set():
+            try:
+                events = self._events.read_events(self._after or "0-0", block_ms=500)
+                backoff = 0.1
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                log.warning("future listener lost Redis (%s); retrying", exc)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            now = time.monotonic()
+            if not events:
+                if self._pending and now - quiet_since > _RECONCILE_AFTER:
+                    quiet_since = now
+                    with self._lock:
+                        ids = list(self._pending)
+                    self._reconcile(ids)
+                continue
+            quiet_since = now
+            self._after = events[-1][0]
+            finished: list[str] = []
+            with self._lock:
+                for _, fields in events:
+                    tid = fields.get("task", "")
+                    fut = self._pending.get(tid)
+                    if fut is None:
+                        continue
+                    kind = fields.get("type")
+                    if kind == "claim":
+                        with contextlib.suppress(RuntimeError):
+                            if not fut.running() and not fut.done():
+                                fut.set_running_or_notify_cancel()
+                    elif kind in _FINAL_EVENTS:
+                        finished.append(tid)
+            if finished:
+                self._resolve(finished)
+
+    def _reconcile(self, task_ids: list[str]) -> None:
+        """Resolve any of these tasks that already finished (safety net, and for
+        futures created after the fact)."""
+        try:
+            rows = self.store.task_fields(task_ids, ["state"])
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            return
+        done = [tid for tid, row in zip(task_ids, rows, strict=True)
+                if row[0] in _FINAL_EVENTS]
+        if done:
+            self._resolve(done)
+
+    def _resolve(self, task_ids: list[str]) -> None:
+        rows = self.store.task_fields(task_ids, _OUTCOME_FIELDS)
+        for tid, row in zip(task_ids, rows, strict=True):
+            fields = dict(zip(_OUTCOME_FIELDS, row, strict=True))
+            if fields["state"] not in _FINAL_EVENTS:
+                continue  # retried meanwhile: a later event will come
+            with self._lock:
+                fut = self._pending.pop(tid, None)
+            if fut is None or fut.done():
+                continue
+            ok, value = decode_outcome(tid, fields)
+            if fields["state"] == "cancelled" and _mark_cancelled(fut):
+                continue
+            with contextlib.suppress(cf.InvalidStateError):
+                if ok:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(value)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        self.store.close()
+        self._events.close()
+
+
+class JobHandle:
+    """A submitted job: progress, results and cancel, by job id."""
+
+    def __init__(self, client: Client, job_id: str) -> None:
+        self.client = client
+        self.job_id = job_id
+
+    def info(self) -> JobInfo:
+        return self.client.job(self.job_id)
+
+    def progress(self) -> dict[str, int]:
+        """Tasks per state, e.g. ``{"queued": 3, "running": 2, "succeeded": 95, ...}``."""
+        info = self.info()
+        return {"total": info.n_tasks, **info.counts}
+
+    def futures(self) -> list[TaskFuture]:
+        return self.client._python().futures_of(self.client.store.task_ids_of_job(self.job_id))
+
+    def results(self, timeout: float | None = None) -> list[Any]:
+        """Every task's return value in task order; waits; raises the first failure."""
+        return gather(self.futures(), timeout=timeout)
+
+    def cancel(self) -> int:
+        return self.client.cancel([self.job_id])
+
+
+def gather(futures: Iterable[cf.Future[Any]], timeout: float | None = None) -> list[Any]:
+    """Results in order; raises the first exception met (in order), like ``map``."""
+    end = None if timeout is None else time.monotonic() + timeout
+    return [f.result(None if end is None else max(0.0, end - time.monotonic()))
+            for f in futures]
+
+
+class LocalWorker:
+    """A worker in a thread of this process, for ``Client.local_worker`` and
+    ``Executor(workers=N)``: tasks still run in their own processes (one fresh
+    interpreter each), only the agent loop shares this process. Its python tasks
+    see this process's ``sys.path``, so functions defined in importable modules here
+    import there too; pickled callables are allowed (it is your own queue)."""
+
+    def __init__(self, client: Client, cpus: int, **config: Any) -> None:
+        from .worker import Worker, WorkerConfig
+
+        state = client.state_dir
+        paths = [p for p in sys.path if p and os.path.isdir(p)]
+        config.setdefault("allow_pickle", True)
+        config.setdefault("pythonpath", paths)
+        config.setdefault("log_dir", state / "logs")
+        config.setdefault("state_dir", state)
+        config.setdefault("heartbeat", 1.0)
+        config.setdefault("lease", 10.0)
+        config.setdefault("probation", 0.0)
+        self.worker: Worker = Worker(client.store, WorkerConfig(cpus=cpus, **config))
+        self.stats: Stats | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="distcomp-local-worker",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.stats = self.worker.run()
+        except BaseException as exc:  # kept for stop() to report
+            self.error = exc
+            log.error("local worker stopped: %s", exc)
+
+    def stop(self, timeout: float = 30) -> None:
+        """Stop claiming; running tasks are requeued (stopped with SIGTERM)."""
+        self.worker.request_stop()
+        self._thread.join(timeout)
+
+
+class Executor(cf.Executor):
+    """A :class:`concurrent.futures.Executor` whose calls run as distcomp python tasks.
+
+    ``Executor()`` uses the embedded server and starts a local worker with every
+    core; ``Executor(url=...)`` or ``Executor(client)`` uses a shared queue and, by
+    default, no local worker (the cluster's workers run the calls; they need
+    ``--allow-pickle``). ``workers=N`` starts a local worker with N cores either way.
+    Task options (``mem``, ``cpus``, ``timeout``... see ``OPTION_NAMES``) given here
+    apply to every call.
+    """
+
+    def __init__(self, client: Client | None = None, *, url: str | None = None,
+                 queue: str = "default", state_dir: str | os.PathLike[str] | None = None,
+                 workers: int | None = None, **options: Any) -> None:
+        from .client import Client
+
+        self._own_client = client is None
+        self.client = client if client is not None else Client(url, queue, state_dir)
+        unknown = set(options) - set(OPTION_NAMES)
+        if unknown:
+            raise TypeError(f"unknown task options: {', '.join(sorted(unknown))}")
+        self.options = options
+        if workers is None:
+            workers = (os.cpu_count() or 1) if (client is None and url is None) else 0
+        self._local = self.client.local_worker(workers) if workers > 0 else None
+        self._futures: set[cf.Future[Any]] = set()
+        self._lock = threading.Lock()
+        self._shutdown = False
+
+    def _track(self, futures: list[TaskFuture]) -> None:
+        with self._lock:
+            self._futures.update(futures)
+        for fut in futures:
+            fut.add_done_callback(self._untrack)
+
+    def _untrack(self, fut: cf.Future[Any]) -> None:
+        with self._lock:
+            self._futures.discard(fut)
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+        futures = self.client._python().submit_calls(fn, [(args, kwargs)], self.options)
+        self._track(futures)
+        return futures[0]
+
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any],
+            timeout: float | None = None, chunksize: int = 1) -> Iterator[Any]:
+        """Like the stdlib: all calls are submitted now (as one job), results come in
+        order, ``timeout`` bounds the whole iteration, and ``chunksize > 1`` runs that
+        many calls per task (fewer, larger tasks for small functions)."""
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+        end = None if timeout is None else time.monotonic() + timeout
+        items = list(zip(*iterables, strict=False))
+        api = self.client._python()
+        if chunksize > 1:
+            chunks = [items[i:i + chunksize] for i in range(0, len(items), chunksize)]
+            futures = api.submit_calls(run_chunk, [((fn, chunk), {}) for chunk in chunks],
+                                       self.options)
+        else:
+            futures = api.submit_calls(fn, [(item, {}) for item in items], self.options)
+        self._track(futures)
+
+        def results() -> Iterator[Any]:
+            pending = list(reversed(futures))
+            try:
+                while pending:
+                    fut = pending[-1]
+                    wait = None if end is None else end - time.monotonic()
+                    try:
+                        value = fut.result(wait)
+                    except cf.TimeoutError:
+                        fut.cancel()
+                        raise
+                    pending.pop()
+                    if chunksize > 1:
+                        yield from value
+                    else:
+                        yield value
+            finally:
+                if pending:
+                    api.cancel_futures(pending)
+
+        return results()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._shutdown = True
+            outstanding = list(self._futures)
+        if cancel_futures:
+            self.client._python().cancel_futures(
+                [f for f in outstanding if isinstance(f, TaskFuture)])
+        if wait:
+            cf.wait(outstanding)
+            self._close()
+        else:
+            def close_later() -> None:
+                cf.wait(outstanding)
+                self._close()
+
+            threading.Thread(target=close_later, daemon=True).start()
+
+    def _close(self) -> None:
+        if self._local is not None:
+            self._local.stop()
+            self._local = None
+        if self._own_client:
+            self.client.close()

@@ -1,0 +1,240 @@
+"""distcomp.Executor against the concurrent.futures contract, on a real redis-server.
+
+Modelled on CPython's Lib/test/test_concurrent_futures (map ordering, exceptions,
+timeouts, cancel, shutdown semantics, as_completed, wait). Every call runs as a
+real python task in a fresh interpreter under a real worker (in a thread here).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import cloudpickle
+import pytest
+from conftest import RedisProcess, wait_for
+
+from distcomp import Client, Executor
+from distcomp.executor import RemoteError, RemoteTraceback, TaskFuture
+
+# Test functions travel by value, so task interpreters need not import this module.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def mul(x: int, y: int) -> int:
+    return x * y
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def capture(*args: object, **kwargs: object) -> tuple[object, object]:
+    return args, kwargs
+
+
+def sleep_then(seconds: float, value: object = None) -> object:
+    time.sleep(seconds)
+    return value
+
+
+def raise_value_error(message: str) -> None:
+    raise ValueError(message)
+
+
+class UnpicklableError(Exception):
+    def __init__(self) -> None:
+        super().__init__("cannot travel")
+        self.lock = threading.Lock()
+
+
+def raise_unpicklable() -> None:
+    raise UnpicklableError()
+
+
+@pytest.fixture
+def client(redis_server: RedisProcess, queue_name: str, tmp_path: Path) -> Iterator[Client]:
+    c = Client(redis_server.url, queue_name, state_dir=tmp_path / "state")
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def executor(client: Client) -> Iterator[Executor]:
+    ex = Executor(client, workers=2)
+    yield ex
+    ex.shutdown(wait=False, cancel_futures=True)
+    for fut in list(ex._futures):  # stop anything a failed test left running
+        if isinstance(fut, TaskFuture) and not fut.done():
+            client.cancel([fut.task_id])
+    ex.shutdown(wait=True)
+
+
+@pytest.fixture
+def idle_executor(client: Client) -> Iterator[Executor]:
+    """No worker at all: everything submitted stays queued."""
+    ex = Executor(client, workers=0)
+    yield ex
+    ex.shutdown(wait=True, cancel_futures=True)
+
+
+def test_is_a_concurrent_futures_executor(executor: Executor) -> None:
+    assert isinstance(executor, cf.Executor)
+    fut = executor.submit(mul, 2, 8)
+    assert isinstance(fut, cf.Future)
+    assert fut.result(timeout=30) == 16
+
+
+def test_submit_keyword_arguments(executor: Executor) -> None:
+    fut = executor.submit(capture, 1, 2, a=3, fn=4)
+    assert fut.result(timeout=30) == ((1, 2), {"a": 3, "fn": 4})
+
+
+def test_map_keeps_order(executor: Executor) -> None:
+    assert list(executor.map(mul, range(10), range(10))) == [i * i for i in range(10)]
+
+
+def test_map_with_chunksize(executor: Executor) -> None:
+    assert list(executor.map(square, range(50), chunksize=7)) == [i * i for i in range(50)]
+    with pytest.raises(ValueError):
+        executor.map(square, range(3), chunksize=0)
+
+
+def test_map_exception_comes_in_order(executor: Executor) -> None:
+    results = executor.map(divmod, [1, 1, 1, 1], [2, 2, 0, 2])
+    assert next(results) == (0, 1)
+    assert next(results) == (0, 1)
+    with pytest.raises(ZeroDivisionError):
+        next(results)
+
+
+def test_map_timeout(executor: Executor) -> None:
+    results: list[object] = []
+    with pytest.raises(cf.TimeoutError):
+        for value in executor.map(sleep_then, [0, 0, 4], timeout=2):
+            results.append(value)
+    assert results == [None, None]
+
+
+def test_exception_keeps_type_and_remote_traceback(executor: Executor) -> None:
+    fut = executor.submit(raise_value_error, "bad input 42")
+    exc = fut.exception(timeout=30)
+    assert type(exc) is ValueError and str(exc) == "bad input 42"
+    assert isinstance(exc.__cause__, RemoteTraceback)
+    assert "raise_value_error" in exc.__cause__.tb
+    row = executor.client.task(fut.task_id)
+    assert row.state == "failed" and row.reason == "raised ValueError: bad input 42"
+
+
+def test_unpicklable_exception_becomes_remote_error(executor: Executor) -> None:
+    exc = executor.submit(raise_unpicklable).exception(timeout=30)
+    assert isinstance(exc, RemoteError)
+    assert "UnpicklableError: cannot travel" in str(exc)
+    assert isinstance(exc.__cause__, RemoteTraceback)
+
+
+def test_segfault_fails_the_task_not_the_worker(executor: Executor) -> None:
+    import ctypes
+
+    fut = executor.submit(ctypes.string_at, 0)
+    exc = fut.exception(timeout=30)
+    assert isinstance(exc, RemoteError) and "SIGSEGV" in str(exc)
+    assert executor.submit(mul, 3, 3).result(timeout=30) == 9  # the worker lives on
+
+
+def test_cancel_queued_future(idle_executor: Executor) -> None:
+    fut = idle_executor.submit(mul, 1, 1)
+    assert fut.cancel()
+    assert fut.cancelled() and fut.done()
+    with pytest.raises(cf.CancelledError):
+        fut.result(timeout=1)
+    assert idle_executor.client.task(fut.task_id).state == "cancelled"
+    done, not_done = cf.wait([fut], timeout=1)
+    assert done == {fut} and not not_done
+
+
+def test_running_future_cannot_be_cancelled(executor: Executor) -> None:
+    fut = executor.submit(sleep_then, 1.0, "slept")
+    wait_for(fut.running, timeout=30)
+    assert not fut.cancel()
+    assert fut.result(timeout=30) == "slept"
+
+
+def test_shutdown_refuses_new_work(executor: Executor) -> None:
+    executor.shutdown(wait=True)
+    with pytest.raises(RuntimeError):
+        executor.submit(mul, 1, 2)
+    with pytest.raises(RuntimeError):
+        executor.map(mul, [1], [2])
+
+
+def test_context_manager_waits_for_futures(client: Client) -> None:
+    with Executor(client, workers=2) as ex:
+        futures = [ex.submit(sleep_then, 0.2, i) for i in range(3)]
+    assert all(f.done() for f in futures)
+    assert [f.result() for f in futures] == [0, 1, 2]
+
+
+def test_shutdown_cancel_futures(idle_executor: Executor) -> None:
+    futures = [idle_executor.submit(mul, i, i) for i in range(5)]
+    idle_executor.shutdown(wait=True, cancel_futures=True)
+    assert all(f.cancelled() for f in futures)
+    counts = idle_executor.client.counts()
+    assert counts["cancelled"] == 5 and counts["queued"] == 0
+
+
+def test_as_completed(executor: Executor) -> None:
+    slow = executor.submit(sleep_then, 0.8, "slow")
+    fast = [executor.submit(mul, i, 2) for i in range(3)]
+    order = list(cf.as_completed([slow, *fast], timeout=30))
+    assert set(order) == {slow, *fast}
+    assert order[-1] is slow
+
+
+def test_as_completed_timeout(idle_executor: Executor) -> None:
+    fut = idle_executor.submit(mul, 1, 1)
+    with pytest.raises(cf.TimeoutError):
+        list(cf.as_completed([fut], timeout=0.5))
+
+
+def test_wait_first_exception(executor: Executor, client: Client) -> None:
+    slow = executor.submit(sleep_then, 60)
+    bad = executor.submit(raise_value_error, "first")
+    ok = executor.submit(mul, 2, 2)
+    done, not_done = cf.wait([slow, bad, ok], timeout=30, return_when=cf.FIRST_EXCEPTION)
+    assert bad in done and slow in not_done
+    client.cancel([slow.task_id])  # a running task: killed, its future gets CancelledError
+    assert isinstance(slow.exception(timeout=30), cf.CancelledError)
+
+
+def test_wait_first_completed_and_all(executor: Executor) -> None:
+    slow = executor.submit(sleep_then, 1.0)
+    fast = executor.submit(mul, 1, 1)
+    done, not_done = cf.wait([slow, fast], timeout=30, return_when=cf.FIRST_COMPLETED)
+    assert fast in done and slow in not_done
+    done, not_done = cf.wait([slow, fast], timeout=30)
+    assert done == {slow, fast} and not not_done
+
+
+def test_client_submit_map_gather_and_job_handle(client: Client) -> None:
+    worker = client.local_worker(2)
+    try:
+        fut = client.submit(mul, 6, 7, mem="64M", cpus=1)
+        assert fut.result(timeout=30) == 42
+        assert client.task(fut.task_id).cmd.startswith("python: ")
+        futures = client.map(square, range(6))
+        assert client.gather(futures, timeout=30) == [i * i for i in range(6)]
+        job = client.job_handle(futures[0].job_id)
+        assert job.results(timeout=30) == [i * i for i in range(6)]
+        progress = job.progress()
+        assert progress["total"] == 6 and progress["succeeded"] == 6
+        # Two identical calls are two tasks: API submissions are never deduplicated.
+        twice = [client.submit(mul, 1, 1), client.submit(mul, 1, 1)]
+        assert twice[0].task_id != twice[1].task_id
+        assert client.gather(twice, timeout=30) == [1, 1]
+    finally:
+        worker.stop()
