@@ -40,6 +40,9 @@ from .spec import TaskSpec
 DEFAULT_TAIL_BYTES = 8192
 
 TASK_TAG_PREFIX = "distcomp-task:"
+#: Why an adopted task ended without leaving a status: it was stopped (by its
+#: guardian, or anyone) while no worker watched it — not the task's own failure.
+VANISHED = "stopped while its worker was away"
 
 #: $1 = the command, $2 = status file, $3/$4 = stdout/stderr logs. The command runs
 #: in the wrapper shell itself (one exec per task, not two); its status is written
@@ -53,6 +56,7 @@ _WRAPPER_EVAL = ('exec >"$3" 2>"$4" </dev/null; __dc_s=$2; __dc_c=$1; set --; '
 _WRAPPER_CHILD = ('exec >"$3" 2>"$4" </dev/null; /bin/sh -c "$1"; rc=$?; '
                   'echo "$rc" >"$2"; exit "$rc"')
 _EXEC_RE = re.compile(r"\bexec\b")
+_JOIN_CGROUP = 'echo $$ >"$DISTCOMP_CGROUP_PROCS"; unset DISTCOMP_CGROUP_PROCS; '
 #: Job log directories already created by this process (one mkdir per job, not per task).
 _made_dirs: set[Path] = set()
 
@@ -153,7 +157,7 @@ class TaskProcess:
         if status is not None:
             return status
         # Gone without a status: the wrapper itself was killed.
-        self.kill_reason = self.kill_reason or "killed while its worker was away"
+        self.kill_reason = self.kill_reason or VANISHED
         return -signal.SIGKILL
 
     @property
@@ -342,7 +346,7 @@ def task_environment(spec: TaskSpec, task_id: str, attempt: int, gpus: list[int]
 def start(spec: TaskSpec, task_id: str, attempt: int, log_dir: Path, *, tag: str,
           gpus: list[int] | None = None, cores: list[int] | None = None,
           payload: bytes | None = None, pythonpath: Sequence[str] = (),
-          python: str = sys.executable) -> TaskProcess:
+          python: str = sys.executable, cgroup_procs: Path | None = None) -> TaskProcess:
     """Start the task in its own session; the wrapper opens its log files, so the
     worker's loop does no per-task file I/O (a python task's call file excepted).
     ``log_dir`` must be absolute. A python task runs ``python -m distcomp.pytask``
@@ -369,6 +373,10 @@ def start(spec: TaskSpec, task_id: str, attempt: int, log_dir: Path, *, tag: str
         if paths:
             env["PYTHONPATH"] = os.pathsep.join(paths)
     wrapper = _WRAPPER_CHILD if _EXEC_RE.search(command) else _WRAPPER_EVAL
+    if cgroup_procs is not None:
+        # The wrapper moves itself into the task's cgroup before running anything.
+        env["DISTCOMP_CGROUP_PROCS"] = str(cgroup_procs)
+        wrapper = _JOIN_CGROUP + wrapper
     try:
         popen = subprocess.Popen(
             ["/bin/sh", "-c", wrapper, TASK_TAG_PREFIX + tag, command, str(status_path),

@@ -48,6 +48,7 @@ import psutil
 import redis
 
 from . import memory, runner
+from .cgroups import TaskCgroups
 from .heartbeat import HeartbeatFile
 from .resources import detect_cpus, detect_gpus, detect_memory
 from .spec import GIB, MIB, TaskSpec, format_size
@@ -127,6 +128,9 @@ class Running:
     requeue_reason: str = ""
     #: Our lease is gone (cancelled or taken over): stop it and report nothing.
     abandoned: bool = False
+    #: The task's own memory cgroup (its cgroup.procs), when its mem_limit is
+    #: enforced by the kernel.
+    cgroup: Path | None = None
     #: Cores the task is pinned to (--pin), else empty.
     cores: list[int] = field(default_factory=list)
     #: Measured memory (sampled), for the guard and the results.
@@ -202,6 +206,7 @@ class Worker:
                               else defaults.high),
             config.victim_policy, config.horizon, config.probation, config.growth_aware)
         self.oom_kills_seen = memory.oom_kills()
+        self.task_cgroups: TaskCgroups | None = None
         self.gpus = list(config.gpus) if config.gpus is not None else detect_gpus()
         self.cores = sorted(os.sched_getaffinity(0))[: self.cpus]
         self.running: dict[str, Running] = {}
@@ -302,6 +307,7 @@ class Worker:
     def run(self) -> Stats:
         held = self.register()
         self.tag = self._identity()
+        self.task_cgroups = TaskCgroups.detect(hashlib.sha1(self.tag.encode()).hexdigest()[:12])
         self.heartbeat = HeartbeatFile(self.config.state_dir / "workers" /
                                        self.tag.replace(":", "/"))
         self.heartbeat.touch()
@@ -399,6 +405,13 @@ class Worker:
             del self.running[tid]
             self._selector_forget(item)
             item.usage.peak = max(item.usage.peak, outcome.peak_rss)
+            if item.cgroup is not None and self.task_cgroups is not None:
+                if self.task_cgroups.oom_kills(item.cgroup) and not outcome.reason:
+                    limit = format_size(item.claim.spec.mem_limit)
+                    outcome.reason = (f"exceeded its memory limit ({limit}; stopped by the "
+                                      "kernel in its cgroup)")
+                    self.oom_kills_seen = memory.oom_kills()  # that kill is explained
+                self.task_cgroups.remove(item.cgroup)
             self.guard.observe(item.claim.job_id, item.usage, item.claim.task_id)
             if item.abandoned:
                 self._forget(tid, item.proc.status_path)
@@ -572,6 +585,10 @@ class Worker:
                        "code on it, or submit a 'pkg.module:function' reference)"))
             return
         gpus = [free_gpus.pop(0) for _ in range(min(claim.spec.gpus, len(free_gpus)))]
+        cgroup = None
+        if claim.spec.mem_limit and self.task_cgroups is not None:
+            cgroup = self.task_cgroups.create(f"{claim.task_id}.{claim.attempt}",
+                                              claim.spec.mem_limit)
         cores: list[int] = []
         if self.config.pin:
             taken = {c for r in self.running.values() for c in r.cores}
@@ -581,12 +598,13 @@ class Worker:
             proc = runner.start(claim.spec, claim.task_id, claim.attempt, self.log_dir,
                                 tag=self.tag, gpus=gpus, cores=cores,
                                 payload=(payloads or {}).get(claim.spec.payload or ""),
-                                pythonpath=self.config.pythonpath, python=self.config.python)
+                                pythonpath=self.config.pythonpath, python=self.config.python,
+                                cgroup_procs=cgroup)
         except runner.LaunchError as exc:
             self.outbox.append(_Report("fail", claim.task_id, claim.token,
                                        {"host": self.host}, reason=str(exc), spec=claim.spec))
             return
-        item = Running(claim, proc, gpus, cores=cores)
+        item = Running(claim, proc, gpus, cores=cores, cgroup=cgroup)
         self.running[claim.task_id] = item
         self._selector_watch(item)
 
@@ -635,6 +653,8 @@ class Worker:
             self.store.deregister_worker(self.name, self.instance)
         if not self.running:
             self.heartbeat.clear()  # the guardian exits; nothing is orphaned
+            if self.task_cgroups is not None:
+                self.task_cgroups.close()
         self._selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -672,6 +692,10 @@ class Worker:
         if item.preempted:
             return _Report("preempt", tid, token, result, reason=outcome.reason,
                            peak=int(result["peak_rss"]), alone=item.alone, mem=item.mem,
+                           status_path=status, spec=spec)
+        if item.proc.adopted and outcome.reason == runner.VANISHED:
+            # e.g. the guardian stopped it just as this (restarted) worker adopted it
+            return _Report("requeue", tid, token, result, reason=runner.VANISHED,
                            status_path=status, spec=spec)
         if item.requeue_reason:
             return _Report("requeue", tid, token, result, reason=item.requeue_reason,

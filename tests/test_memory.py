@@ -292,3 +292,24 @@ def test_kernel_oom_kill_is_recorded_distinctly(store: Store, tmp_path: Path) ->
     assert task["reason"].startswith("killed by the kernel OOM killer: needs more memory "
                                      "than this node has"), task["reason"]
     assert int(task["preempts"]) == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create per-task memory cgroups")
+def test_mem_limit_is_enforced_by_the_kernel_in_a_task_cgroup(store: Store, tmp_path: Path
+                                                              ) -> None:
+    from distcomp.cgroups import TaskCgroups
+
+    if TaskCgroups.detect("probe") is None:
+        pytest.skip("no writable cgroup v1 memory hierarchy here")
+    store.submit([TaskSpec(cmd=hog(400, 0.5, hold_s=3), mem_limit=150 * MIB),
+                  TaskSpec(cmd=hog(50, 0.5), mem_limit=150 * MIB)])
+    proc = start_worker([sys.executable, "-m", "distcomp"], store, tmp_path / "s")
+    try:
+        wait_for(lambda: store.counts().get("failed") == 1
+                 and store.counts().get("succeeded") == 1, timeout=60)
+    finally:
+        stop(proc)
+    task = store.task("1.1")
+    assert task is not None and task["reason"] == (
+        "exceeded its memory limit (150.0M; stopped by the kernel in its cgroup)")
+    assert int(task.get("preempts", 0)) == 0  # a limit, not memory pressure: not requeued

@@ -78,10 +78,17 @@ def check_exactly_once(store: Store, n: int, log: Path) -> None:
 
 
 def test_kill_workers_and_redis_repeatedly(tmp_path: Path) -> None:
-    rng = random.Random(2024)
     server = RedisProcess(tmp_path / "redis", aof=True)
     server.directory.mkdir()
     server.start()
+    try:
+        _chaos_run(server, tmp_path)
+    finally:
+        server.stop()
+
+
+def _chaos_run(server: RedisProcess, tmp_path: Path) -> None:
+    rng = random.Random(2024)
     log = tmp_path / "probe.log"
     store = Store(server.url, "chaos")
     n = 500
@@ -120,21 +127,21 @@ def test_kill_workers_and_redis_repeatedly(tmp_path: Path) -> None:
                 kills += 1
                 # sometimes back at once, sometimes after the lease has run out
                 pending[victim] = now + rng.choice([0.0, 0.5, 4.5])
+            if store.counts().get("failed"):
+                failed = [(t, (store.task(t) or {}).get("reason")) for t in store.failed_task_ids()]
+                raise AssertionError(f"a task failed: {failed}")
             assert now - started < 240, f"not done: {store.counts()}"
         for name in list(pending):
             workers.start(name)
         wait_for(lambda: store.counts().get("succeeded", 0) >= n, timeout=60)
     finally:
         workers.stop_all()
-    try:
-        assert redis_killed and kills >= 10
-        check_exactly_once(store, n, log)
-        # the chaos really hit running tasks: some were re-adopted or rerun
-        kinds = {e["type"] for e in store.events(100_000)}
-        assert kinds & {"reaped", "requeue", "retaken"} or any(
-            store.task(f"1.{i}")["attempt"] != "1" for i in range(1, n + 1))  # type: ignore[index]
-    finally:
-        server.stop()
+    assert redis_killed and kills >= 10
+    check_exactly_once(store, n, log)
+    # the chaos really hit running tasks: some were re-adopted or rerun
+    kinds = {e["type"] for e in store.events(100_000)}
+    assert kinds & {"reaped", "requeue", "retaken"} or any(
+        store.task(f"1.{i}")["attempt"] != "1" for i in range(1, n + 1))  # type: ignore[index]
 
 
 def test_restarted_worker_readopts_long_tasks(tmp_path: Path, store: Store) -> None:
