@@ -707,8 +707,6 @@ class Worker:
             reason = outcome.reason
         elif py_error:
             reason = py_error
-        elif sig == signal.SIGKILL and self._kernel_oom_killed():
-            reason = "killed by the kernel OOM killer"
         elif sig is not None:
             reason = f"killed by signal {result['signal']}"
         else:
@@ -784,12 +782,7 @@ class Worker:
             status = self.store.fail(report.task_id, report.token, report.reason, report.result,
                                      retry_delay=(spec.retry_delay or 0.0) if spec else 0.0,
                                      retryable=report.retryable)
-            if status == "stale":
-                self.stats.stale += 1
-            elif status == "failed":
-                self.stats.failed += 1
-            else:
-                self.stats.requeued += 1
+            self._count("requeued" if status == "retry" else status)
         elif report.kind == "preempt":
             self._apply_preemption(report)
         else:
