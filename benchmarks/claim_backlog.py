@@ -41,6 +41,7 @@ from .common import (
     redis_server,
     redis_server_binary,
     redis_server_version,
+    result_row,
     rotated,
     summarize,
 )
@@ -275,7 +276,18 @@ def _report(backlogs: list[Backlog], sizes: tuple[int, ...], repeat: int,
     )
     for line in ratio_lines:
         note(line)
-    return {"benchmark": "claim_backlog", "redis_version": version,
+    rows_out: list[dict[str, Any]] = []
+    for r in results:
+        rows_out.append(result_row(
+            "claim", "distcomp",
+            f"claim p50, {r['shapes']} shape{'s' if r['shapes'] > 1 else ''}, "
+            f"{size_label(r['size'])} queued", _summary(r["p50_us"]), "µs"))
+    for r in ratios:
+        rows_out.append(result_row(
+            "claim", "distcomp",
+            f"p50 {size_label(r['size'])} / {size_label(r['base_size'])}, {r['shapes']} "
+            f"shape{'s' if r['shapes'] > 1 else ''}", summarize([r["p50_ratio"]]), "x"))
+    return {"benchmark": "claim_backlog", "redis_version": version, "rows": rows_out,
             "config": {"sizes": list(sizes), "shape_counts": list(SHAPE_COUNTS),
                        "claims_per_round": CLAIMS, "rounds": repeat, "chunk": CHUNK,
                        "free_mem": FREE_MEM, "free_cpus": FREE_CPUS},
@@ -286,3 +298,7 @@ def _fmt_commands(summary: Summary) -> str:
     if summary.low == summary.high:
         return f"{summary.median:.2f}"
     return f"{summary.median:.2f} [{summary.low:.2f}, {summary.high:.2f}]"
+
+
+def _summary(data: dict[str, Any]) -> Summary:
+    return summarize(data["values"])

@@ -38,8 +38,18 @@ T = TypeVar("T")
 console = Console(highlight=False, emoji=False,
                   width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 150)
 
+#: How to install the peers (also in benchmarks/README.md and docs/benchmarks.md).
+PARALLEL_INSTALL = "apt-get install -y parallel"
+BENCH_EXTRA_INSTALL = "pip install -e '.[bench]'"
+
+
+def not_installed(install: str) -> str:
+    """What a benchmark reports instead of a number for a missing peer: never a fake one."""
+    return f"not installed (install with: {install})"
+
+
 #: What a benchmark prints instead of a number when GNU Parallel is missing.
-PARALLEL_SKIPPED = "skipped (not installed: apt-get install parallel)"
+PARALLEL_SKIPPED = not_installed(PARALLEL_INSTALL)
 
 
 # --------------------------------------------------------------------------- redis-server
@@ -276,3 +286,90 @@ def environment() -> dict[str, Any]:
 
 def write_json(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
     Path(path).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+# --------------------------------------------------------------------------- peers
+
+
+def gnu_parallel() -> str | None:
+    """Path of GNU Parallel, or None (moreutils also ships a `parallel`: not that one)."""
+    path = shutil.which("parallel")
+    if path is None:
+        return None
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30,
+                             check=False, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return path if "GNU parallel" in out.stdout else None
+
+
+def gnu_parallel_version(path: str) -> str:
+    out = subprocess.run([path, "--version"], capture_output=True, text=True, check=False,
+                         stdin=subprocess.DEVNULL)
+    return out.stdout.splitlines()[0] if out.stdout else "?"
+
+
+# --------------------------------------------------------------------------- summary rows
+#
+# Every scenario returns, besides its own details, ``rows``: one dict per
+# (scenario, tool, metric) with the median and range over the repetitions, so the
+# runner can print one table for the whole invocation and the JSON can be diffed
+# between invocations. ``ratio`` sits on a peer's row: distcomp's value of the
+# same metric divided by this peer's (``ratio_of`` names distcomp's row when it
+# is not obvious). Above 1 means distcomp has more of the metric: better for a
+# rate, worse for a time.
+
+
+def result_row(scenario: str, tool: str, metric: str, summary: Summary | None, unit: str,
+               *, ratio: float | None = None, ratio_of: str | None = None,
+               skipped: str | None = None) -> dict[str, Any]:
+    """One summary row; a skipped or failed tool has ``median`` None and says why."""
+    row: dict[str, Any] = {"scenario": scenario, "tool": tool, "metric": metric,
+                           "median": None, "min": None, "max": None, "unit": unit}
+    if summary is not None:
+        row.update(median=summary.median, min=summary.low, max=summary.high,
+                   n=len(summary.values))
+    if ratio is not None:
+        row["ratio"] = ratio
+    if ratio_of:
+        row["ratio_of"] = ratio_of
+    if skipped or summary is None:
+        row["skipped"] = skipped or "no result"
+    return row
+
+
+def _fmt_value(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.3g}"
+
+
+def print_summary(rows: Sequence[dict[str, Any]], title: str) -> None:
+    """The invocation's table: absolute figures (median, min-max) and distcomp/peer."""
+    cells: list[list[str]] = []
+    for row in rows:
+        if row.get("median") is None:
+            cells.append([row.get("scenario", "?"), row.get("tool", "?"),
+                          row.get("metric", "?"), str(row.get("skipped") or "no result"),
+                          "", row.get("unit", ""), ""])
+            continue
+        span = "" if row.get("min") is None else \
+            f"{_fmt_value(row['min'])}-{_fmt_value(row['max'])}"
+        ratio = row.get("ratio")
+        ratio_text = "" if ratio is None else f"{ratio:.2f}x"
+        if ratio is not None and row.get("ratio_of"):
+            ratio_text += f" ({row['ratio_of']})"
+        cells.append([str(row.get("scenario", "?")), str(row.get("tool", "?")),
+                      str(row.get("metric", "?")), _fmt_value(row["median"]), span,
+                      str(row.get("unit", "")), ratio_text])
+    print_table(title, ["scenario", "tool", "metric", "median", "min-max", "unit",
+                        "distcomp / this"], cells,
+                caption="median and min-max over the repetitions (alternating: distcomp, "
+                        "peer, distcomp, peer...). distcomp / this: distcomp's value of the "
+                        "same metric divided by this row's: > 1 is better for distcomp "
+                        "on a rate, worse on a time.")

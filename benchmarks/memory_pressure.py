@@ -62,12 +62,15 @@ from .common import (
     fmt_ratio,
     fmt_spread,
     fmt_summary,
+    gnu_parallel,
+    gnu_parallel_version,
     note,
     redis_server,
+    result_row,
     rotated,
     summarize,
 )
-from .throughput import distcomp_command, gnu_parallel, gnu_parallel_version
+from .throughput import distcomp_command
 
 MIB = 2**20
 BUDGET = 1536 * MIB
@@ -795,8 +798,25 @@ def _report(tasks: tuple[Hog, ...], rounds: int, contenders: list[Contender],
         note(f"run logs (distcomp -v stderr, GNU Parallel stderr and joblog) kept in {logdir}")
     ratios = {c.key: results[c.key].get("makespan_vs_parallel") for c in contenders
               if c.key != "parallel"}
+    rows: list[dict[str, Any]] = []
+    d_values = results.get("default", {}).get("makespan_s", {}).get("values")
+    for c in contenders:
+        data = results[c.key]
+        values = data.get("makespan_s", {}).get("values")
+        ratio = None
+        if c.key == "parallel" and values and d_values:
+            ratio = summarize(d_values).median / summarize(values).median
+        why = data.get("skipped") or (f"error: {data['error']}"[:160] if data.get("error")
+                                      else None)
+        rows.append(result_row("memory", c.label, "makespan", summarize(values) if values
+                               else None, "s", ratio=ratio,
+                               ratio_of="default guard" if ratio else None, skipped=why))
+        if values:
+            rows.append(result_row("memory", c.label, "tasks failed",
+                                   summarize(data["failed"]["values"]), "tasks"))
     return {
         "benchmark": "memory",
+        "rows": rows,
         "config": {"tasks": [asdict(h) for h in tasks], "budget_bytes": BUDGET,
                    "slots": SLOTS, "rounds": rounds, "declared_gib": DECLARED_GIB,
                    "memfree": MEMFREE, "retries": RETRIES, "cgroup": use_cgroup,

@@ -1,6 +1,7 @@
 """Throughput on no-op tasks: how much does distcomp add per task, next to its peers?
 
-N no-op shell tasks (``true``; default 2,000, ``--quick`` 300) on 2 slots, run by:
+N no-op shell tasks (``true``; default 2,000, ``--quick`` 300) on as many slots as
+cores (``SLOTS``; 2 here), run by:
 
 * **distcomp**: ``distcomp --state-dir TMP run FILE --cpus 2 --no-progress`` as
   a subprocess, with a fresh state directory each time, so the time includes
@@ -46,17 +47,21 @@ from .common import (
     fmt_ratio,
     fmt_spread,
     fmt_summary,
+    gnu_parallel,
+    gnu_parallel_version,
     note,
     print_table,
     redis_server_binary,
     redis_server_version,
+    result_row,
     rotated,
     summarize,
 )
 
 DEFAULT_TASKS = 2000
 QUICK_TASKS = 300
-SLOTS = 2
+#: As many slots as cores, as issue 7 asks (2 on the reference machine).
+SLOTS = os.cpu_count() or 1
 
 
 class BenchError(RuntimeError):
@@ -117,12 +122,15 @@ def _stop_server(state: Path) -> None:
         os.kill(int(paths.pidfile.read_text().strip()), signal.SIGKILL)
 
 
-def run_distcomp(task_file: Path, n: int) -> tuple[float, float]:
-    """(whole command seconds, submit-to-last-completion seconds); raises BenchError."""
+def run_distcomp(task_file: Path, n: int, slots: int = SLOTS) -> tuple[float, float]:
+    """(whole command seconds, submit-to-last-completion seconds); raises BenchError.
+
+    Shared with the packing scenario: the same command a user types, timed from
+    outside, plus the scheduling window read from the task records."""
     state = Path(tempfile.mkdtemp(prefix="dcbench-", dir="/tmp"))
     try:
         argv = [*distcomp_command(), "--state-dir", str(state), "run", str(task_file),
-                "--cpus", str(SLOTS), "--no-progress"]
+                "--cpus", str(slots), "--no-progress"]
         env = dict(os.environ)
         env.pop("DISTCOMP_REDIS", None)  # always the private embedded server in `state`
         env.pop("DISTCOMP_QUEUE", None)
@@ -163,25 +171,6 @@ def _scheduling_seconds(state: Path, n: int) -> float:
 # --------------------------------------------------------------------------- peers
 
 
-def gnu_parallel() -> str | None:
-    """Path of GNU Parallel, or None (moreutils also ships a `parallel`: not that one)."""
-    path = shutil.which("parallel")
-    if path is None:
-        return None
-    try:
-        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30,
-                             check=False, stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return path if "GNU parallel" in out.stdout else None
-
-
-def gnu_parallel_version(path: str) -> str:
-    out = subprocess.run([path, "--version"], capture_output=True, text=True, check=False,
-                         stdin=subprocess.DEVNULL)
-    return out.stdout.splitlines()[0] if out.stdout else "?"
-
-
 def run_parallel(path: str, n: int) -> float:
     command = f"seq {n} | {path} --will-cite -j{SLOTS} true"
     with Stopwatch() as sw:
@@ -218,6 +207,7 @@ def run_floor(n: int) -> float:
 
 
 def run(*, quick: bool = False, repeat: int = 3) -> dict[str, Any]:
+    """Rounds alternate the contenders (order rotating), so drift hits all alike."""
     n = QUICK_TASKS if quick else DEFAULT_TASKS
     parallel = gnu_parallel()
     binary = redis_server_binary()
@@ -352,6 +342,8 @@ def _report(n: int, repeat: int, distcomp: Contender, peer: Contender, floor: Co
             line += (f"; {marginal:,.0f} µs/task after subtracting the 1-task run's "
                      f"{s_total.median:.2f}s start-up")
         note(line)
+    rows = _summary_rows(n, distcomp, peer, floor, startup, d_total, d_inner, p_total,
+                         f_total, s_total)
     for contender in (distcomp, peer, floor, startup):
         if contender.error:
             note(f"[red]{contender.label} failed[/] ({contender.error}); its output ends:")
@@ -359,6 +351,48 @@ def _report(n: int, repeat: int, distcomp: Contender, peer: Contender, floor: Co
             console.print(Text("\n".join("    " + line for line in tail)))
     return {"benchmark": "throughput", "config": {"tasks": n, "slots": SLOTS, "rounds": repeat},
             "parallel_version": parallel_version, "results": results, "ratios": ratios,
-            "redis_server": redis_server_binary(),
+            "redis_server": redis_server_binary(), "rows": rows,
             "errors": {c.key: {"error": c.error, "output": c.error_detail}
                        for c in (distcomp, peer, floor, startup) if c.error}}
+
+
+def _summary_rows(n: int, distcomp: Contender, peer: Contender, floor: Contender,
+                  startup: Contender, d_total: Summary | None, d_inner: Summary | None,
+                  p_total: Summary | None, f_total: Summary | None,
+                  s_total: Summary | None) -> list[dict[str, Any]]:
+    """The runner's rows: tasks/s for both distcomp windows and the peers, the
+    overhead per task above the floor, and the fixed start-up."""
+    def rate(s: Summary | None) -> Summary | None:
+        return None if s is None else summarize([n / v for v in s.values])
+
+    def why(c: Contender) -> str | None:
+        return c.skipped or (f"error: {c.error}"[:160] if c.error else None)
+
+    d_rate, i_rate, p_rate, f_rate = rate(d_total), rate(d_inner), rate(p_total), rate(f_total)
+    rows = [
+        result_row("shell", "distcomp", "tasks/s, whole `distcomp run` command", d_rate,
+                   "tasks/s", skipped=why(distcomp)),
+        result_row("shell", "distcomp", "tasks/s, submit→last completion", i_rate,
+                   "tasks/s", skipped=why(distcomp)),
+        result_row("shell", f"GNU parallel -j{SLOTS}", "tasks/s, whole command", p_rate,
+                   "tasks/s", skipped=why(peer),
+                   ratio=d_rate.median / p_rate.median if d_rate and p_rate else None,
+                   ratio_of="whole command"),
+        result_row("shell", "spawn floor", "tasks/s, posix_spawn loop", f_rate, "tasks/s",
+                   skipped=why(floor),
+                   ratio=d_rate.median / f_rate.median if d_rate and f_rate else None,
+                   ratio_of="whole command"),
+    ]
+    if d_total and f_total:
+        floor_med = f_total.median
+        rows.append(result_row(
+            "shell", "distcomp", "overhead above floor, whole command",
+            summarize([(v - floor_med) / n * 1e6 for v in d_total.values]), "µs/task"))
+    if d_inner and f_total:
+        floor_med = f_total.median
+        rows.append(result_row(
+            "shell", "distcomp", "overhead above floor, submit→last completion",
+            summarize([(v - floor_med) / n * 1e6 for v in d_inner.values]), "µs/task"))
+    rows.append(result_row("shell", "distcomp", "start-up: 1-task `distcomp run`", s_total,
+                           "s", skipped=why(startup)))
+    return rows

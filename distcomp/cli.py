@@ -11,11 +11,13 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import socket
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -28,6 +30,7 @@ from rich.text import Text
 
 from . import __version__
 from .client import Client, NotFoundError, TaskRow
+from .config import HistorySettings, load_history
 from .memory import VICTIM_POLICIES
 from .resources import parse_gpu_list
 from .server import (
@@ -291,6 +294,15 @@ def _worker_options(func: F) -> F:
         click.option("--result-dir", type=click.Path(file_okay=False),
                      help="Where results over --result-max-bytes go (share it with the "
                           "clients; default: beside the task logs)."),
+        click.option("--python-pool/--no-python-pool", default=True, show_default=True,
+                     help="Run python tasks in warm interpreters (one per slot, reused "
+                          "call after call) instead of a fresh interpreter per task."),
+        click.option("--pool-max-tasks", type=click.IntRange(min=1), default=1000,
+                     show_default=True,
+                     help="Replace a warm interpreter after this many calls."),
+        click.option("--pool-max-rss", default="512M", show_default=True,
+                     help="Replace a warm interpreter whose memory exceeds this after a "
+                          "call (a leak, or memory its allocator keeps)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -304,8 +316,9 @@ def _worker_config(ctx: Ctx, name: str | None, cpus: int | None, memory: str | N
                    max_preempts: int, admission: str, horizon: str,
                    resources: tuple[str, ...], pin: bool, probation: str,
                    allow_pickle: bool | None = None, pythonpath: tuple[str, ...] = (),
-                   result_max_bytes: str = "1M", result_dir: str | None = None
-                   ) -> WorkerConfig:
+                   result_max_bytes: str = "1M", result_dir: str | None = None,
+                   python_pool: bool = True, pool_max_tasks: int = 1000,
+                   pool_max_rss: str = "512M") -> WorkerConfig:
     hb = parse_duration(heartbeat, "heartbeat")
     lease_s = parse_duration(lease, "lease")
     if lease_s < 2 * hb:
@@ -335,6 +348,10 @@ def _worker_config(ctx: Ctx, name: str | None, cpus: int | None, memory: str | N
         pythonpath=[str(Path(p).absolute()) for p in pythonpath],
         result_max_bytes=parse_size(result_max_bytes, "result-max-bytes"),
         result_dir=Path(result_dir).absolute() if result_dir else None,
+        python_pool=python_pool,
+        pool_max_tasks=pool_max_tasks,
+        pool_max_rss=parse_size(pool_max_rss, "pool-max-rss"),
+        history=load_history(ctx.state_dir, ctx.queue),
     )
 
 
@@ -400,7 +417,8 @@ def run(ctx: Ctx, /, file: str, allow_duplicates: bool, job_name: str | None, no
         node = Worker(client.store, config)
         if not all_done():
             _run_and_follow(client, job_ids, node, show=not (no_progress or as_json))
-        rows = client.task_rows(task_ids=result.task_ids)
+        # A line repeated in the file names the same task: count it once.
+        rows = client.task_rows(task_ids=list(dict.fromkeys(result.task_ids)))
     _summarise(rows, result.new, as_json)
     if any(r.state != "succeeded" for r in rows):
         sys.exit(EXIT_FAILED)
@@ -529,6 +547,8 @@ def tasks(ctx: Ctx, jobs: tuple[str, ...], states: tuple[str, ...], tags: tuple[
     with friendly_errors():
         rows = ctx.client.task_rows(job_ids=list(jobs) or None, states=states, tags=tags,
                                     limit=limit)
+        if limit is None or len(rows) < limit:
+            _note_trimmed(ctx, jobs)
     if as_json:
         console.print_json(json.dumps([r.as_dict() for r in rows]))
         return
@@ -548,7 +568,7 @@ def tasks(ctx: Ctx, jobs: tuple[str, ...], states: tuple[str, ...], tags: tuple[
 @pass_ctx
 def logs(ctx: Ctx, task_id: str, stream: str) -> None:
     """Print a task's output (the whole log when reachable from here, else its tail)."""
-    with friendly_errors():
+    with friendly_errors(), _explain_trimmed(ctx, [task_id]):
         text, complete = ctx.client.logs(task_id, stream=stream)
     if not complete:
         err_console.print("[yellow]log file not reachable from this machine; "
@@ -566,6 +586,7 @@ def results(ctx: Ctx, jobs: tuple[str, ...], fmt: str) -> None:
     """Results table: id, name, command, state, exit code, wall time, peak memory, host."""
     with friendly_errors():
         rows = ctx.client.task_rows(job_ids=list(jobs) or None)
+        _note_trimmed(ctx, jobs)
     columns = ["id", "name", "cmd", "state", "exit_code", "signal", "wall", "peak_rss", "host",
                "attempt", "reason", "mem", "declared_mem"]
     if fmt == "json":
@@ -628,7 +649,8 @@ def retry(ctx: Ctx, ids: tuple[str, ...], all_failed: bool, cancelled: bool,
     """Requeue failed tasks of the given jobs or tasks (or --all)."""
     if not ids and not all_failed:
         fail("name jobs or tasks to retry, or pass --all", EXIT_BAD_INPUT)
-    with friendly_errors():
+    with friendly_errors(), _explain_trimmed(ctx, ids, "it can no longer be retried; "
+                                             "submit it again with --allow-duplicates"):
         n = ctx.client.retry(ids, include_cancelled=cancelled, reason=reason)
     console.print(f"{n} tasks requeued")
 
@@ -638,7 +660,7 @@ def retry(ctx: Ctx, ids: tuple[str, ...], all_failed: bool, cancelled: bool,
 @pass_ctx
 def cancel(ctx: Ctx, ids: tuple[str, ...]) -> None:
     """Cancel tasks (JOB.N) or whole jobs (JOB); running ones are killed."""
-    with friendly_errors():
+    with friendly_errors(), _explain_trimmed(ctx, ids):
         n = ctx.client.cancel(ids)
     console.print(f"{n} tasks cancelled")
 
@@ -991,6 +1013,236 @@ def down(ctx: Ctx, /, hosts_file: str | None, drain: bool, wait_for: str | None,
             connect_timeout=connect_timeout, drain=drain, wait=wait)
         forget_down(state, results)
     _host_results(results, as_json, "distcomp down" + (" --drain" if drain else ""))
+
+
+# -- history -------------------------------------------------------------------
+
+@contextmanager
+def _explain_trimmed(ctx: Ctx, ids: Sequence[str], hint: str = "") -> Iterator[None]:
+    """Turn "no task X" into "task X was archived (or expired), see ..." when history
+    trimming removed it (two reads, only on the error path)."""
+    try:
+        yield
+    except NotFoundError:
+        for tid in ids:
+            gone = ctx.client.store.trimmed_task(tid) if "." in tid else None
+            if gone is not None:
+                raise NotFoundError(gone.describe(hint)) from None
+        raise
+
+
+def _note_trimmed(ctx: Ctx, job_ids: Sequence[str] | None) -> None:
+    """Say on stderr how many tasks of these jobs are no longer in Redis, and where
+    they went (O(jobs) reads), so a short listing is not mistaken for lost tasks."""
+    store = ctx.client.store
+    per_job = store.job_trimmed(list(job_ids) if job_ids else store.job_ids())
+    n = sum(count for count, _ in per_job.values())
+    if n:
+        labels = sorted({label for count, label in per_job.values() if count and label})
+        where = f"archived to {', '.join(labels)}" if labels else "expired"
+        err_console.print(f"[dim]{n} finished tasks are not listed: history trimming removed "
+                          f"them from Redis ({where}); `distcomp history show TASK` prints an "
+                          "archived one[/]")
+
+
+@main.group()
+def history() -> None:
+    """Finished tasks' records: how long they stay in Redis, and the archive.
+
+    Policy: a [history] table in distcomp.toml: mode = "archive" (default; records
+    are appended to the archive file, then leave Redis), "expire" (they just leave)
+    or "off"; keep = "7d" (succeeded tasks); keep_failed = "never" (failed and
+    cancelled tasks: once removed they cannot be retried); archive = PATH (default
+    STATE_DIR/history/QUEUE.jsonl). Counters in `status` always count every task.
+    """
+
+
+def _history_policy(ctx: Ctx, mode: str | None = None, archive: str | None = None,
+                    older_than: str | None = None, failed_older_than: str | None = None,
+                    ) -> HistorySettings:
+    """The policy from distcomp.toml, with this command's options over it."""
+    from .config import history_duration, load_history
+
+    with friendly_errors():
+        policy = load_history(ctx.state_dir, ctx.queue)
+        changes: dict[str, Any] = {}
+        if mode:
+            changes["mode"] = mode
+        if archive:
+            changes["archive"] = Path(archive).expanduser().absolute()
+        if older_than:
+            changes["keep_s"] = history_duration(older_than, "--older-than")
+        if failed_older_than:
+            changes["keep_failed_s"] = (None if failed_older_than == "never" else
+                                        history_duration(failed_older_than,
+                                                         "--failed-older-than"))
+    return replace(policy, **changes)
+
+
+def _policy_states(policy: HistorySettings) -> list[tuple[str, float]]:
+    out = [("succeeded", policy.keep_s)]
+    if policy.keep_failed_s is not None:
+        out += [("failed", policy.keep_failed_s), ("cancelled", policy.keep_failed_s)]
+    return out
+
+
+def _policy_text(policy: HistorySettings) -> str:
+    failed = ("kept until retried" if policy.keep_failed_s is None
+              else f"after {_duration(policy.keep_failed_s)}")
+    where = {"archive": f"archived to {policy.archive}", "expire": "expire (no archive)",
+             "off": "stay in Redis (history.mode = \"off\")"}[policy.mode]
+    return (f"succeeded tasks leave Redis {_duration(policy.keep_s)} after finishing, "
+            f"failed/cancelled ones {failed}; records {where} [from {policy.source}]")
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+@history.command("trim")
+@click.option("--older-than", metavar="DURATION",
+              help="Remove succeeded tasks that finished at least this long ago, e.g. 7d "
+                   "(default: history.keep, else 7d).")
+@click.option("--failed-older-than", metavar="DURATION",
+              help="Also failed and cancelled tasks this old, or 'never' (default: "
+                   "history.keep_failed, else never). Removed tasks cannot be retried.")
+@click.option("--mode", type=click.Choice(["archive", "expire"]),
+              help="archive: append records to the archive file first; expire: just remove "
+                   "(default: history.mode, else archive).")
+@click.option("--archive", "archive_path", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Archive file (default: history.archive, else STATE_DIR/history/QUEUE.jsonl).")
+@click.option("--batch", type=click.IntRange(1, 10000), default=1000, show_default=True,
+              help="Tasks per step (one lock, one file append, one script call).")
+@click.option("--dry-run", is_flag=True, help="Say what would be removed; change nothing.")
+@json_option
+@pass_ctx
+def history_trim(ctx: Ctx, older_than: str | None, failed_older_than: str | None,
+                 mode: str | None, archive_path: str | None, batch: int, dry_run: bool,
+                 as_json: bool) -> None:
+    """Remove old finished tasks from Redis now (what workers do every minute)."""
+    policy = _history_policy(ctx, mode, archive_path, older_than, failed_older_than)
+    if policy.mode == "off":
+        err_console.print(f"history.mode is \"off\" in {policy.source}: nothing removed; "
+                          "pass --mode archive or --mode expire to trim anyway")
+        return
+    with friendly_errors():
+        if dry_run:
+            due = {s: ctx.client.store.history_due([s], age)[s]
+                   for s, age in _policy_states(policy)}
+            _trim_output(policy, due, as_json, dry_run=True)
+            return
+        removed = _trim_all(ctx, policy, batch)
+    _trim_output(policy, removed, as_json, dry_run=False)
+
+
+def _trim_all(ctx: Ctx, policy: HistorySettings, batch: int) -> dict[str, int]:
+    """Policy passes until nothing old is left; waits (up to ~10 s) while another
+    process holds the trimming lock."""
+    from .history import trim
+
+    removed: dict[str, int] = {}
+    busy_waits = 0
+    while True:
+        try:
+            report = trim(ctx.client.store, policy, limit=batch)
+        except OSError as exc:
+            fail(f"cannot write the archive {policy.archive}: {exc.strerror or exc}; nothing "
+                 "was removed. Choose a writable file with --archive (or history.archive in "
+                 "distcomp.toml)", EXIT_BAD_INPUT)
+        for state, n in report.removed.items():
+            removed[state] = removed.get(state, 0) + n
+        if report.busy:
+            busy_waits += 1
+            if busy_waits > 20:
+                fail("another process is trimming this queue's history (lock:history is "
+                     "held); try again in a minute", EXIT_FAILED)
+            time.sleep(0.5)
+        elif not any(n >= batch for n in report.removed.values()):
+            return removed
+
+
+def _trim_output(policy: HistorySettings, counts: dict[str, int], as_json: bool, *,
+                 dry_run: bool) -> None:
+    archive = str(policy.archive) if policy.mode == "archive" else None
+    if as_json:
+        console.print_json(json.dumps({"dry_run": dry_run, "mode": policy.mode,
+                                       "archive": archive, "removed": counts}))
+        return
+    total = sum(counts.values())
+    parts = ", ".join(f"{n} {s}" for s, n in counts.items())
+    verb = "would remove" if dry_run else "removed"
+    if archive:
+        where = f"records {'go' if dry_run else 'appended'} to {archive}"
+    else:
+        where = "expired, no archive kept"
+    console.print(f"{verb} {total} finished tasks from Redis ({parts}); {where}")
+    if not dry_run:
+        console.print("counters are unchanged: `distcomp status` still counts every task")
+
+
+@history.command("status")
+@json_option
+@pass_ctx
+def history_status(ctx: Ctx, as_json: bool) -> None:
+    """The policy in effect, finished tasks still in Redis and trimmed, and what is due."""
+    policy = _history_policy(ctx)
+    with friendly_errors():
+        counts = ctx.client.store.history_counts()
+        due = {s: ctx.client.store.history_due([s], age)[s] for s, age in _policy_states(policy)}
+    size = policy.archive.stat().st_size if policy.archive.is_file() else None
+    if as_json:
+        console.print_json(json.dumps({
+            "mode": policy.mode, "keep_s": policy.keep_s, "keep_failed_s": policy.keep_failed_s,
+            "archive": str(policy.archive), "archive_bytes": size, "source": policy.source,
+            "counts": counts, "due": due}))
+        return
+    console.print(_policy_text(policy))
+    table = Table("state", "in Redis", "trimmed", "due now", title=f"queue {ctx.queue} history")
+    for state, row in counts.items():
+        table.add_row(state, str(row["kept"]), str(row["trimmed"]),
+                      str(due[state]) if state in due else "-")
+    console.print(table)
+    if policy.mode == "archive":
+        console.print(f"archive {policy.archive}: "
+                      + ("not written yet" if size is None else format_size(size)))
+
+
+@history.command("show")
+@click.argument("task_id")
+@click.option("--archive", "archive_path", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Archive file to read (default: where the task's job was archived, "
+                   "else history.archive).")
+@pass_ctx
+def history_show(ctx: Ctx, task_id: str, archive_path: str | None) -> None:
+    """Print the archived record of a task (JSON; reads the whole archive file)."""
+    from .history import find_in_archive
+
+    with friendly_errors():
+        gone = ctx.client.store.trimmed_task(task_id)
+        path = _archive_for(ctx, gone.archive if gone else "", archive_path)
+        if not path.is_file():
+            raise NotFoundError(f"archive file {path} does not exist on this machine"
+                                + (f" (the task went to {gone.archive})" if gone else "")
+                                + "; name the file with --archive")
+        records = find_in_archive(path, task_id, ctx.queue)
+        if not records:
+            raise NotFoundError(f"no record of task {task_id} (queue {ctx.queue!r}) in {path}")
+    console.print_json(json.dumps(records[-1]))
+
+
+def _archive_for(ctx: Ctx, label: str, given: str | None) -> Path:
+    """The file to read: the option, else the path in the job's archive label (when it
+    was written on this host or is visible here), else the policy's archive."""
+    if given:
+        return Path(given).expanduser()
+    if label:
+        host, _, path = label.partition(":")
+        if host == socket.gethostname() or Path(path).is_file():
+            return Path(path)
+    return _history_policy(ctx).archive
 
 
 # -- watching ------------------------------------------------------------------

@@ -228,7 +228,7 @@ class Client:
         from .executor import OPTION_NAMES
 
         options = {k: kwargs.pop(k) for k in OPTION_NAMES if k in kwargs}
-        return self._python().submit_calls(fn, [(args, kwargs)], options)[0]
+        return self._python().submit_calls(fn, [(args, kwargs)], options, session=True)[0]
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], **options: Any
             ) -> list[TaskFuture]:

@@ -4,9 +4,9 @@
 How a call travels: the client cloudpickles ``(fn, args, kwargs)`` into
 ``P payload:<id>`` (see ``store``), then submits a ``kind="python"`` task naming
 that key, in one atomic ``submit`` per batch (``map`` of 10,000 calls is one
-job, one script call). A worker runs it in a fresh interpreter
-(``distcomp.pytask``) under the usual wrapper and puts the pickled outcome into
-the task record (or a file, past the size cap).
+job, one script call). A worker runs it in a warm interpreter (``distcomp.pool``)
+or a fresh one (``distcomp.pytask``) and puts the pickled outcome into the task
+record (or a file, past the size cap).
 
 How a future resolves: each :class:`Client` has at most one listener thread,
 blocked in ``XREAD`` on the queue's event stream. A ``claim`` event marks the
@@ -26,6 +26,7 @@ import contextlib
 import logging
 import os
 import reprlib
+import socket
 import sys
 import threading
 import time
@@ -37,9 +38,9 @@ from typing import TYPE_CHECKING, Any
 import cloudpickle
 import redis
 
-from .pytask import run_chunk
+from .pytask import INLINE_PREFIX, run_chunk
 from .spec import TaskSpec, parse_duration, parse_size
-from .store import Store
+from .store import NoJobError, Store, SubmitResult
 
 if TYPE_CHECKING:
     from .client import Client
@@ -50,7 +51,12 @@ log = logging.getLogger("distcomp.executor")
 
 #: Keyword arguments of ``submit``/``map`` that are task options, not the function's.
 #: A function taking a keyword of one of these names gets it through functools.partial.
-OPTION_NAMES = ("mem", "cpus", "gpus", "priority", "timeout", "retries", "tags", "name")
+#: Pickled calls up to this size travel inside the task's spec (``payload`` =
+#: ``inline:<base64>``): no key of their own, and the worker gets them with the
+#: claim instead of fetching them. Larger ones get a ``P payload:<id>`` key.
+INLINE_PAYLOAD_BYTES = 8 * 1024
+OPTION_NAMES = ("mem", "mem_limit", "cpus", "gpus", "resources", "priority", "timeout",
+                "retries", "retry_delay", "tags", "name", "env", "cwd")
 
 _OUTCOME_FIELDS = ("state", "result", "result_path", "result_size", "reason", "host")
 _FINAL_EVENTS = ("succeeded", "failed", "cancelled")
@@ -131,16 +137,21 @@ def _task_spec(payload: str, display: str, options: dict[str, Any]) -> TaskSpec:
     unknown = set(options) - set(OPTION_NAMES)
     if unknown:
         raise TypeError(f"unknown task options: {', '.join(sorted(unknown))}")
-    mem = options.get("mem")
-    timeout = options.get("timeout")
+    mem, mem_limit = options.get("mem"), options.get("mem_limit")
+    timeout, retry_delay = options.get("timeout"), options.get("retry_delay")
     return TaskSpec(
         cmd=display, kind="python", payload=payload,
         mem=parse_size(mem) if mem is not None else 0,
+        mem_limit=parse_size(mem_limit) if mem_limit is not None else None,
         cpus=options.get("cpus", 1), gpus=options.get("gpus", 0),
+        resources=tuple(sorted(dict(options.get("resources", {})).items())),
         priority=options.get("priority", 0),
         timeout=parse_duration(timeout) if timeout is not None else None,
-        retries=options.get("retries"), tags=tuple(options.get("tags", ())),
-        name=options.get("name"))
+        retries=options.get("retries"),
+        retry_delay=parse_duration(retry_delay) if retry_delay is not None else None,
+        tags=tuple(options.get("tags", ())), name=options.get("name"),
+        env=tuple(sorted((str(k), str(v)) for k, v in dict(options.get("env", {})).items())),
+        cwd=options.get("cwd"))
 
 
 def decode_outcome(task_id: str, fields: dict[str, str | None]) -> tuple[bool, Any]:
@@ -207,30 +218,57 @@ class PythonTasks:
         self._after: str | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        #: The job single calls (``submit``) of this client go into, made on the first.
+        self._session_job: str | None = None
+        self._session_lock = threading.Lock()
 
     # -- submitting ------------------------------------------------------
     def submit_calls(self, fn: Callable[..., Any],
                      calls: Sequence[tuple[Sequence[Any], dict[str, Any]]],
-                     options: dict[str, Any], *, job_name: str = "") -> list[TaskFuture]:
-        """Submit many calls of ``fn`` as one job, atomically."""
+                     options: dict[str, Any], *, job_name: str = "",
+                     session: bool = False) -> list[TaskFuture]:
+        """Submit many calls of ``fn`` atomically, as a new job; ``session``: into this
+        client's one job for single calls instead (a loop of ``submit`` calls is then
+        one job of many tasks, not many jobs of one). One round trip either way:
+        the payloads travel with the submission."""
         if not calls:
             return []
         self._ensure_listener()
         blobs: dict[str, bytes] = {}
         specs: list[TaskSpec] = []
         for args, kwargs in calls:
-            key = self.store.payload_key(uuid.uuid4().hex)
-            blobs[key] = cloudpickle.dumps((fn, tuple(args), kwargs))
+            blob = cloudpickle.dumps((fn, tuple(args), kwargs))
+            if len(blob) <= INLINE_PAYLOAD_BYTES:
+                key = INLINE_PREFIX + base64.b64encode(blob).decode()
+            else:
+                key = self.store.payload_key(uuid.uuid4().hex)
+                blobs[key] = blob
             display = _display(run_chunk if fn is run_chunk else fn, args, kwargs)
             specs.append(_task_spec(key, display, options))
-        self.store.put_payloads(blobs)
-        name = job_name or f"python: {getattr(fn, '__qualname__', 'call')}"
-        result = self.store.submit(specs, job_name=name, allow_duplicates=True)
+        if session:
+            result = self._submit_to_session(specs, blobs)
+        else:
+            name = job_name or f"python: {getattr(fn, '__qualname__', 'call')}"
+            result = self.store.submit(specs, job_name=name, dedup=False, payloads=blobs)
         futures = [TaskFuture(self, tid) for tid in result.task_ids]
         with self._lock:
             for fut in futures:
                 self._pending[fut.task_id] = fut
         return futures
+
+    def _submit_to_session(self, specs: list[TaskSpec], blobs: dict[str, bytes]
+                           ) -> SubmitResult:
+        with self._session_lock:
+            if self._session_job is not None:
+                try:
+                    return self.store.submit(specs, dedup=False, payloads=blobs,
+                                             job_id=self._session_job)
+                except NoJobError:  # archived or deleted meanwhile: start another
+                    pass
+            name = f"python: calls from {socket.gethostname()} (pid {os.getpid()})"
+            result = self.store.submit(specs, job_name=name, dedup=False, payloads=blobs)
+            self._session_job = result.job_id
+            return result
 
     def cancel_queued(self, task_ids: Sequence[str]) -> list[str]:
         """Cancel those of the tasks that are still queued (not running ones), in two
@@ -302,6 +340,7 @@ class PythonTasks:
             quiet_since = now
             self._after = events[-1][0]
             finished: list[str] = []
+            carried: dict[str, dict[str, str | None]] = {}
             with self._lock:
                 for _, fields in events:
                     tid = fields.get("task", "")
@@ -313,8 +352,13 @@ class PythonTasks:
                         with contextlib.suppress(RuntimeError):
                             if not fut.running() and not fut.done():
                                 fut.set_running_or_notify_cancel()
+                    elif kind == "succeeded" and fields.get("result"):
+                        # a small result came with the event: nothing to read
+                        carried[tid] = {"state": "succeeded", "result": fields["result"]}
                     elif kind in _FINAL_EVENTS:
                         finished.append(tid)
+            for tid, outcome in carried.items():
+                self._settle(tid, outcome)
             if finished:
                 self._resolve(finished)
 
@@ -336,18 +380,22 @@ class PythonTasks:
             fields = dict(zip(_OUTCOME_FIELDS, row, strict=True))
             if fields["state"] not in _FINAL_EVENTS:
                 continue  # retried meanwhile: a later event will come
-            with self._lock:
-                fut = self._pending.pop(tid, None)
-            if fut is None or fut.done():
-                continue
-            ok, value = decode_outcome(tid, fields)
-            if fields["state"] == "cancelled" and _mark_cancelled(fut):
-                continue
-            with contextlib.suppress(cf.InvalidStateError):
-                if ok:
-                    fut.set_result(value)
-                else:
-                    fut.set_exception(value)
+            self._settle(tid, fields)
+
+    def _settle(self, tid: str, fields: dict[str, str | None]) -> None:
+        """Set the future of a finished task from its outcome fields."""
+        with self._lock:
+            fut = self._pending.pop(tid, None)
+        if fut is None or fut.done():
+            return
+        ok, value = decode_outcome(tid, fields)
+        if fields["state"] == "cancelled" and _mark_cancelled(fut):
+            return
+        with contextlib.suppress(cf.InvalidStateError):
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
 
     def close(self) -> None:
         self._stop.set()
@@ -392,10 +440,11 @@ def gather(futures: Iterable[cf.Future[Any]], timeout: float | None = None) -> l
 
 class LocalWorker:
     """A worker in a thread of this process, for ``Client.local_worker`` and
-    ``Executor(workers=N)``: tasks still run in their own processes (one fresh
-    interpreter each), only the agent loop shares this process. Its python tasks
-    see this process's ``sys.path``, so functions defined in importable modules here
-    import there too; pickled callables are allowed (it is your own queue)."""
+    ``Executor(workers=N)``: tasks still run in their own processes (warm
+    interpreters, see ``distcomp.pool``); only the agent loop shares this
+    process. Its python tasks see this process's ``sys.path``, so functions
+    defined in importable modules here import there too; pickled callables are
+    allowed (it is your own queue)."""
 
     def __init__(self, client: Client, cpus: int, **config: Any) -> None:
         from .worker import Worker, WorkerConfig
@@ -472,7 +521,8 @@ class Executor(cf.Executor):
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-        futures = self.client._python().submit_calls(fn, [(args, kwargs)], self.options)
+        futures = self.client._python().submit_calls(fn, [(args, kwargs)], self.options,
+                                                     session=True)
         self._track(futures)
         return futures[0]
 

@@ -141,6 +141,10 @@ VICTIM_POLICIES: dict[str, VictimPolicy] = {
 }
 
 
+#: Jobs whose profiles a guard keeps (the least recently observed go first).
+MAX_PROFILES = 256
+
+
 @dataclass
 class Profile:
     """What the recent tasks of one job were seen to peak at.
@@ -152,16 +156,19 @@ class Profile:
     """
 
     peaks: dict[str, int] = field(default_factory=dict)
+    #: The median peak, kept up to date by :meth:`update` (admission reads it for
+    #: every claim; updates are rarer).
+    typical: int = 0
 
     def update(self, task_id: str, usage: Usage) -> None:
-        self.peaks[task_id] = max(self.peaks.get(task_id, 0), usage.peak)
+        peak = max(self.peaks.get(task_id, 0), usage.peak)
+        if self.peaks.get(task_id) == peak:
+            return
+        self.peaks[task_id] = peak
         while len(self.peaks) > 64:
             del self.peaks[next(iter(self.peaks))]
-
-    @property
-    def typical(self) -> int:
         ordered = sorted(self.peaks.values())
-        return ordered[len(ordered) // 2] if ordered else 0
+        self.typical = ordered[len(ordered) // 2]
 
     def high_except(self, task_id: str) -> int | None:
         """The highest peak of the job's other tasks (a task's own peak so far says
@@ -196,12 +203,18 @@ class Guard:
         self.probation = probation
         #: False: admit on instantaneous headroom alone (for comparison).
         self.growth_aware = growth_aware
+        #: Per job, most recently observed last; bounded (``MAX_PROFILES``) because a
+        #: client submitting call by call makes a job per call.
         self.profiles: dict[str, Profile] = {}
         self.last_headroom = capacity
         self._measured_at = -1.0
 
     def observe(self, job: str, usage: Usage, task_id: str = "") -> None:
-        self.profiles.setdefault(job, Profile()).update(task_id or str(id(usage)), usage)
+        profile = self.profiles.pop(job, None) or Profile()
+        self.profiles[job] = profile  # now the most recent
+        profile.update(task_id or str(id(usage)), usage)
+        if len(self.profiles) > MAX_PROFILES:
+            del self.profiles[next(iter(self.profiles))]
 
     def measure(self, tasks: Sequence[Candidate], max_age: float = 0.0) -> int:
         """Headroom now; ``max_age`` allows reusing a reading that recent (admission
@@ -239,7 +252,11 @@ class Guard:
         if not self.profiles:
             return budget, 1
         typical = max(known) if known else max(p.typical for p in self.profiles.values())
-        return budget, (budget // typical if typical > 0 else 1 << 30)
+        count = budget // typical if typical > 0 else 1 << 30
+        # With nothing running here, one task may always try: a job of huge tasks
+        # seen earlier must not keep a node idle (a task that truly does not fit
+        # is preempted alone and fails with a clear reason).
+        return budget, max(count, 1) if not tasks else count
 
     def expected_growth(self, task: Candidate) -> int:
         """More memory a running task will likely take.

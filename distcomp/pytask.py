@@ -17,19 +17,32 @@ temporary name and renamed, so the worker never reads half a result:
 
 A crash that kills the interpreter (a segfault) writes nothing; the worker then
 reports the signal, as for any shell command.
+
+With ``--serve`` the same code runs in a warm pool process (see ``distcomp.pool``):
+one interpreter runs call after call, so a call costs no interpreter start-up.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import faulthandler
 import importlib
 import json
 import os
+import pickle
+import resource
+import signal
+import struct
 import sys
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, BinaryIO
 
 import cloudpickle
+
+#: A task spec's ``payload`` that holds the pickled call itself (base64), not a key.
+INLINE_PREFIX = "inline:"
 
 #: Marks a payload as a chunk of ``Executor.map`` calls: run fn on each item in turn.
 CHUNK_MARK = "distcomp.chunk"
@@ -78,17 +91,11 @@ def _write(path: str, record: tuple[Any, ...]) -> None:
     os.replace(tmp, path)
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        print("usage: python -m distcomp.pytask CALL_FILE RESULT_FILE", file=sys.stderr)
-        return 2
-    call_path, result_path = argv
-    # Importable as the worker's cwd would be for ``python script.py``.
-    if "" not in sys.path:
-        sys.path.insert(0, "")
+def execute(data: bytes, result_path: str) -> int:
+    """Run one call and write its outcome record; 0 if it returned, 1 if it raised
+    (or its value could not be pickled). Shared by the one-shot and pool modes."""
     try:
-        with open(call_path, "rb") as handle:
-            fn, args, kwargs = load_call(handle.read())
+        fn, args, kwargs = load_call(data)
         value = fn(*args, **kwargs)
     except BaseException as exc:  # every failure is reported, even SystemExit
         if isinstance(exc, KeyboardInterrupt):
@@ -108,6 +115,139 @@ def main(argv: list[str]) -> int:
         print(f"distcomp: the return value could not be pickled: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+# -- pool mode ------------------------------------------------------------------
+# ``python -m distcomp.pytask --serve REQUEST_FD REPLY_FD WORKER_PID TAG``: a warm
+# interpreter that runs one call after another for the worker (``distcomp.pool``).
+# Each request names the attempt's log files, which become fds 1 and 2 for the
+# call, so the call's output lands exactly where a one-shot task's would.
+
+_FRAME = struct.Struct("!I")
+FRAME_HEADER = _FRAME.size
+_PR_SET_PDEATHSIG = 1
+
+
+def frame_size(buffer: bytes | bytearray) -> int | None:
+    """The length of the complete frame at the start of ``buffer``, if it is all there."""
+    if len(buffer) < FRAME_HEADER:
+        return None
+    (size,) = _FRAME.unpack_from(buffer)
+    return FRAME_HEADER + size if len(buffer) >= FRAME_HEADER + size else None
+
+
+def read_frame(stream: BinaryIO) -> Any:
+    """One length-prefixed pickle from ``stream``; None at end of stream."""
+    head = stream.read(FRAME_HEADER)
+    if len(head) < FRAME_HEADER:
+        return None
+    (size,) = _FRAME.unpack(head)
+    body = stream.read(size)
+    if len(body) < size:
+        return None
+    return pickle.loads(body)
+
+
+def frame(message: Any) -> bytes:
+    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return _FRAME.pack(len(body)) + body
+
+
+def _die_with(worker_pid: int) -> None:
+    """Ask the kernel to kill us when the worker dies (a crashed worker must not
+    leave warm interpreters behind); if it is already gone, go now."""
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != worker_pid:
+        os._exit(0)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * _PAGE
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _run_request(request: dict[str, Any]) -> dict[str, Any]:
+    """Run one call with the attempt's logs as stdout/stderr, its environment and
+    working directory; put everything back afterwards."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    out = os.open(request["out"], flags, 0o644)
+    err = os.open(request["err"], flags, 0o644)
+    os.dup2(out, 1)
+    os.dup2(err, 2)
+    os.close(out)
+    os.close(err)
+    saved_env = {name: os.environ.get(name) for name in request["env"]}
+    os.environ.update(request["env"])
+    home = os.getcwd()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        if request["cwd"]:
+            os.chdir(request["cwd"])
+        data = request["call"]
+        if data is None:
+            with open(request["call_path"], "rb") as handle:
+                data = handle.read()
+        code = execute(data, request["result"])
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os.chdir(home)
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        os.close(null)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss only grows: a rise during this call is this call's peak.
+    peak = after * 1024 if after > before else 0
+    return {"code": code, "peak": peak, "rss": _rss()}
+
+
+def serve(request_fd: int, reply_fd: int, worker_pid: int) -> int:
+    _die_with(worker_pid)
+    # Not inherited by anything a call starts: a leftover grandchild holding the
+    # reply pipe would hide this interpreter's death from the worker.
+    os.set_inheritable(request_fd, False)
+    os.set_inheritable(reply_fd, False)
+    faulthandler.enable()  # a segfault's traceback goes to the call's stderr log
+    if "" not in sys.path:
+        sys.path.insert(0, "")
+    with open(request_fd, "rb") as requests, open(reply_fd, "wb", buffering=0) as replies:
+        while True:
+            request = read_frame(requests)
+            if request is None:
+                return 0  # the worker closed the pipe: retire
+            replies.write(frame(_run_request(request)))
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) == 5 and argv[0] == "--serve":
+        return serve(int(argv[1]), int(argv[2]), int(argv[3]))
+    if len(argv) != 2:
+        print("usage: python -m distcomp.pytask CALL_FILE RESULT_FILE", file=sys.stderr)
+        return 2
+    call_path, result_path = argv
+    # Importable as the worker's cwd would be for ``python script.py``.
+    if "" not in sys.path:
+        sys.path.insert(0, "")
+    try:
+        with open(call_path, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        print(f"distcomp: cannot read the call file: {exc}", file=sys.stderr)
+        return 2
+    return execute(data, result_path)
 
 
 if __name__ == "__main__":

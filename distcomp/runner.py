@@ -18,6 +18,7 @@ it is watched by pid and start time and its status read from the status file.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import psutil
 
+from .pytask import INLINE_PREFIX
 from .spec import TaskSpec
 
 #: Bytes of stdout/stderr kept in the task record; the full logs stay in files.
@@ -298,19 +300,25 @@ def python_paths(status_path: Path) -> tuple[Path, Path]:
     return status_path.with_suffix(".call"), status_path.with_suffix(".result")
 
 
+def python_call_data(spec: TaskSpec, payload: bytes | None) -> bytes:
+    """What the interpreter runs: the pickled payload, or a JSON reference."""
+    if spec.payload is not None:
+        if spec.payload.startswith(INLINE_PREFIX):
+            return base64.b64decode(spec.payload[len(INLINE_PREFIX):])
+        if payload is None:
+            raise LaunchError(f"the task's pickled payload ({spec.payload}) is missing")
+        return payload
+    return json.dumps({"func": spec.func, "args": list(spec.args),
+                       "kwargs": dict(spec.kwargs)}).encode()
+
+
 def _python_command(spec: TaskSpec, status_path: Path, payload: bytes | None,
                     python: str) -> str:
     """Write the call file and return the shell command that runs it. The child is a
     fresh interpreter, so a crash, a leak or a stuck C extension dies with its own
     process group and cannot harm the worker."""
     call_path, result_path = python_paths(status_path)
-    if spec.payload is not None:
-        if payload is None:
-            raise LaunchError(f"the task's pickled payload ({spec.payload}) is missing")
-        data = payload
-    else:
-        data = json.dumps({"func": spec.func, "args": list(spec.args),
-                           "kwargs": dict(spec.kwargs)}).encode()
+    data = python_call_data(spec, payload)
     try:
         with contextlib.suppress(FileNotFoundError):
             result_path.unlink()
@@ -325,32 +333,37 @@ class LaunchError(RuntimeError):
     """The task could not be started at all (missing cwd, unwritable log dir...)."""
 
 
-def task_environment(spec: TaskSpec, task_id: str, attempt: int, gpus: list[int]
+def task_env_changes(spec: TaskSpec, task_id: str, attempt: int, gpus: list[int]
                      ) -> dict[str, str]:
-    env = os.environ.copy()
-    env.update(spec.env)
+    """What a task's environment adds to the worker's: its own ``env``, who it is,
+    and thread counts matching its cpus (unless set already)."""
+    changes = dict(spec.env)
     threads = str(max(1, spec.cpus))
-    env.update({
+    changes.update({
         "DISTCOMP_TASK_ID": task_id,
         "DISTCOMP_JOB_ID": task_id.split(".", 1)[0],
         "DISTCOMP_ATTEMPT": str(attempt),
         "DISTCOMP_CPUS": threads,
     })
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env.setdefault(name, threads)
+        if name not in changes and name not in os.environ:
+            changes[name] = threads
     if gpus or spec.gpus:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
+        changes["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
+    return changes
+
+
+def task_environment(spec: TaskSpec, task_id: str, attempt: int, gpus: list[int]
+                     ) -> dict[str, str]:
+    env = os.environ.copy()
+    env.update(task_env_changes(spec, task_id, attempt, gpus))
     return env
 
 
-def start(spec: TaskSpec, task_id: str, attempt: int, log_dir: Path, *, tag: str,
-          gpus: list[int] | None = None, cores: list[int] | None = None,
-          payload: bytes | None = None, pythonpath: Sequence[str] = (),
-          python: str = sys.executable, cgroup_procs: Path | None = None) -> TaskProcess:
-    """Start the task in its own session; the wrapper opens its log files, so the
-    worker's loop does no per-task file I/O (a python task's call file excepted).
-    ``log_dir`` must be absolute. A python task runs ``python -m distcomp.pytask``
-    under the same wrapper, with ``pythonpath`` prepended to ``PYTHONPATH``."""
+def prepare(spec: TaskSpec, task_id: str, attempt: int, log_dir: Path
+            ) -> tuple[Path, Path, Path, str | None]:
+    """(stdout, stderr, status, cwd) of an attempt about to start, once its log
+    directory exists and its working directory is known to be one."""
     out_path, err_path, status_path = log_paths(log_dir, task_id, attempt)
     task_dir = out_path.parent
     if task_dir not in _made_dirs:
@@ -365,6 +378,18 @@ def start(spec: TaskSpec, task_id: str, attempt: int, log_dir: Path, *, tag: str
     if cwd is not None and not os.path.isdir(cwd):
         what = "is not a directory" if os.path.exists(cwd) else "does not exist"
         raise LaunchError(f"working directory {cwd!r} {what}")
+    return out_path, err_path, status_path, cwd
+
+
+def start(spec: TaskSpec, task_id: str, attempt: int, log_dir: Path, *, tag: str,
+          gpus: list[int] | None = None, cores: list[int] | None = None,
+          payload: bytes | None = None, pythonpath: Sequence[str] = (),
+          python: str = sys.executable, cgroup_procs: Path | None = None) -> TaskProcess:
+    """Start the task in its own session; the wrapper opens its log files, so the
+    worker's loop does no per-task file I/O (a python task's call file excepted).
+    ``log_dir`` must be absolute. A python task runs ``python -m distcomp.pytask``
+    under the same wrapper, with ``pythonpath`` prepended to ``PYTHONPATH``."""
+    out_path, err_path, status_path, cwd = prepare(spec, task_id, attempt, log_dir)
     command = spec.cmd
     env = task_environment(spec, task_id, attempt, gpus or [])
     if spec.kind == "python":

@@ -11,14 +11,17 @@ so every key of one queue lives in one slot and queues spread over a cluster):
 =============================  ==========================================================
 ``P seq:job|seq:task|seq:lease``  counters for job ids, submission order, lease tokens
 ``P jobs``                     zset of job ids
-``P job:<jid>``                hash: name, source, submitted_at, n_tasks, n_<state> counters
+``P job:<jid>``                hash: name, source, submitted_at, n_tasks, n_<state> counters,
+                               trimmed_<state>, archive, expired (history trimming)
 ``P task:<tid>``               hash: spec, state, resources, lease, result (tid = ``<jid>.<n>``)
 ``P ready:<shape>``            zset of queued task ids, score = -priority*1e12 + sequence
 ``P shapes``                   set of non-empty ready shapes (``m<MiB>:c<cpus>:g<gpus>``)
 ``P running``                  zset of running task ids by lease deadline (for reap)
 ``P failed``                   zset of failed task ids by finish time (for retry)
+``P succeeded|cancelled``      zsets of those task ids by finish time (history trimming)
 ``P delayed``                  zset of queued retries by the time their delay ends
-``P counts``                   hash: queue-wide per-state counters, stale_reports
+``P counts``                   hash: queue-wide per-state counters, trimmed_<state>,
+                               stale_reports
 ``P dedup``                    hash: spec dedup key -> task id
 ``P workers``                  zset of worker names by last heartbeat
 ``P worker:<name>``            hash: instance, host, pid, capacity, heartbeat, info
@@ -26,6 +29,7 @@ so every key of one queue lives in one slot and queues spread over a cluster):
 ``P events``                   capped stream of transitions
 ``P wake`` / ``P control``     pub/sub channels: new work / cancel requests
 ``P lock:reap``                short lock so concurrent reapers do not repeat work
+``P lock:history``             one history trimmer at a time (archive file appends)
 ``P server``                   run_id of the Redis process last seen, and when (restart grace)
 ``P config``                   hash: queue settings (default_retries, ...)
 =============================  ==========================================================
@@ -33,18 +37,22 @@ so every key of one queue lives in one slot and queues spread over a cluster):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
 import secrets
+import socket
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Any, cast
 
 import redis
 from redis.commands.core import Script
 
+from .history import TrimmedTask, append_archive, archive_record
 from .spec import MIB, TaskSpec
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
@@ -63,6 +71,7 @@ _SCRIPT_NAMES = (
     "deregister",
     "cancel",
     "retry",
+    "archive",
 )
 
 
@@ -76,6 +85,10 @@ class NameTakenError(StoreError):
 
 class NotOwnerError(StoreError):
     """This process no longer owns its worker name (another instance took it over)."""
+
+
+class NoJobError(StoreError):
+    """Tasks were to be added to a job that does not exist (any more)."""
 
 
 def mem_bucket_mib(mem_bytes: int) -> int:
@@ -216,12 +229,30 @@ class Store:
         try:
             return self._scripts[name](keys=[self.prefix], args=list(args))
         except redis.ResponseError as exc:
-            text = str(exc)
-            if text.startswith("NAMETAKEN"):
-                raise NameTakenError(text.split(" ", 1)[1]) from None
-            if text.startswith("NOTOWNER"):
-                raise NotOwnerError(text.split(" ", 1)[1]) from None
-            raise
+            raise _script_error(exc) from None
+
+    def _pipelined(self, calls: Sequence[tuple[str, Sequence[Any]]],
+                   before: Sequence[tuple[Any, ...]] = ()) -> list[Any]:
+        """Run ``before`` (plain commands), then several scripts, in one round trip;
+        each script's reply or error, in order. By EVALSHA directly: redis-py's own
+        script-in-pipeline support asks SCRIPT EXISTS first, a second round trip.
+        A script the server does not know (after a restart) did not run, so it is
+        simply run again on its own (which loads it)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for command in before:
+            pipe.execute_command(*command)  # type: ignore[no-untyped-call]
+        for name, args in calls:
+            pipe.execute_command(  # type: ignore[no-untyped-call]
+                "EVALSHA", self._scripts[name].sha, 1, self.prefix, *args)
+        replies = pipe.execute(raise_on_error=False)[len(before):]
+        for i, reply in enumerate(replies):
+            if isinstance(reply, redis.exceptions.NoScriptError):
+                name, args = calls[i]
+                try:
+                    replies[i] = self._scripts[name](keys=[self.prefix], args=list(args))
+                except redis.ResponseError as exc:
+                    replies[i] = exc
+        return replies
 
     def ping(self) -> bool:
         return bool(self.redis.ping())
@@ -234,24 +265,49 @@ class Store:
         job_name: str = "",
         source: str = "",
         allow_duplicates: bool = False,
+        dedup: bool = True,
+        job_id: str | None = None,
+        payloads: dict[str, bytes] | None = None,
     ) -> SubmitResult:
-        """All-or-nothing: one script call creates the job and every new task."""
-        args: list[Any] = [job_name, source, "1" if allow_duplicates else "0",
-                           self.default_retries()]
+        """All-or-nothing: one script call creates the job and every new task.
+
+        ``dedup=False`` neither looks up nor records dedup keys (API calls, each
+        unique by construction); ``job_id`` adds the tasks to that existing job
+        (:class:`NoJobError` if it is gone) instead of making a new one.
+        ``payloads`` (python tasks' pickles, by key) are written in the same round
+        trip, just before the script, so no worker can claim a task before its
+        payload is there; if the submit fails they are deleted again.
+
+        Built for bulk (a 100,000-line file is one call): shapes are computed once
+        per distinct requirement and every argument goes out as a string, which
+        spares redis-py a per-argument conversion.
+        """
+        mode = "2" if not dedup else "1" if allow_duplicates else "0"
+        args: list[Any] = [job_name, source, mode, "", job_id or ""]
+        shapes: dict[tuple[int, int, int, tuple[tuple[str, int], ...]], str] = {}
+        append = args.extend
         for spec in specs:
-            args += [
-                spec.dedup_key(),
-                spec.priority,
-                spec.mem,
-                spec.cpus,
-                spec.gpus,
-                shape_of(spec.mem, spec.cpus, spec.gpus, spec.resources),
-                spec.to_json(),
-                "" if spec.retries is None else spec.retries,
-            ]
-        out = self._run("submit", args)
-        job_id = out[0] or None
-        return SubmitResult(job_id=job_id, new=int(out[1]), task_ids=list(out[2:]))
+            need = (spec.mem, spec.cpus, spec.gpus, spec.resources)
+            shape = shapes.get(need)
+            if shape is None:
+                shape = shapes[need] = shape_of(*need)
+            if dedup:
+                wire, dedup_key = spec.wire_and_dedup_key()
+            else:
+                wire, dedup_key = spec.to_json(), ""
+            append((dedup_key, str(spec.priority), str(spec.mem), str(spec.cpus),
+                    str(spec.gpus), shape, wire,
+                    "" if spec.retries is None else str(spec.retries)))
+        if not payloads:
+            out = self._run("submit", args)
+        else:
+            out = self._pipelined([("submit", args)],
+                                  before=[("SET", key, blob) for key, blob in payloads.items()])[0]
+            if isinstance(out, Exception):
+                with contextlib.suppress(redis.RedisError):
+                    self.delete_payloads(list(payloads))
+                raise (_script_error(out) if isinstance(out, redis.ResponseError) else out)
+        return SubmitResult(job_id=out[0] or None, new=int(out[1]), task_ids=list(out[2:]))
 
     def claim(
         self,
@@ -267,15 +323,46 @@ class Store:
     ) -> list[Claim]:
         if max_count <= 0:
             return []
-        out = self._run(
-            "claim", [worker, instance, free_mem, free_cpus, free_gpus, max_count, lease_ms,
-                      secrets.token_hex(4), format_resources(free_resources or {})]
-        )
-        return [
-            Claim(out[i], out[i + 1], int(out[i + 2]), TaskSpec.from_json(out[i + 3]),
-                  int(out[i + 4]))
-            for i in range(0, len(out), 5)
-        ]
+        out = self._run("claim", _claim_args(worker, instance, free_mem, free_cpus, free_gpus,
+                                             max_count, lease_ms, free_resources))
+        return _claims(out)
+
+    def complete_then_claim(
+        self,
+        completes: Sequence[tuple[str, str, dict[str, Any]]],
+        worker: str,
+        instance: str,
+        *,
+        free_mem: int,
+        free_cpus: int,
+        free_gpus: int,
+        max_count: int,
+        lease_ms: int,
+        free_resources: dict[str, int] | None = None,
+    ) -> tuple[list[bool], list[Claim] | Exception]:
+        """Several ``complete`` transitions and then a ``claim``, in one round trip
+        (a pipeline: each script stays atomic on its own). A worker whose task just
+        ended both reports it and asks for the next one, so this halves the round
+        trips per task. Returns whether each completion applied (False: stale), and
+        the claims, or the claim's error (e.g. :class:`NotOwnerError`) — the
+        completions count either way."""
+        calls: list[tuple[str, Sequence[Any]]] = [
+            ("complete", [task_id, token, *_flatten(result)])
+            for task_id, token, result in completes]
+        calls.append(("claim", _claim_args(worker, instance, free_mem, free_cpus, free_gpus,
+                                           max_count, lease_ms, free_resources)))
+        replies = self._pipelined(calls)
+        done: list[bool] = []
+        for reply in replies[:-1]:
+            if isinstance(reply, Exception):
+                raise reply
+            done.append(bool(reply))
+        last = replies[-1]
+        if isinstance(last, redis.ResponseError):
+            return done, _script_error(last)
+        if isinstance(last, Exception):
+            return done, last
+        return done, _claims(last)
 
     def renew(
         self, worker: str, instance: str, leases: Iterable[tuple[str, str]], *, lease_ms: int,
@@ -545,6 +632,117 @@ class Store:
             out += pipe.execute()
         return out
 
+    # -- history: finished tasks leave Redis (lua/archive.lua, distcomp/history.py) --
+    # Finished tasks sit in one sorted set per state by finish time, so the oldest
+    # are a range read away: trimming costs O(batch · log N), never a scan. The
+    # per-state counters never move; trimmed_<state> counts what left.
+    def trim_history(self, older_than_s: float, limit: int = 1000, *,
+                     states: Sequence[str] = ("succeeded",), archive: Path | None = None,
+                     lock_ms: int = 60_000) -> int:
+        """Remove up to ``limit`` tasks in ``states`` that finished ``older_than_s``
+        ago or earlier; returns how many, or -1 if another trimmer holds the lock.
+
+        With ``archive``, their records are appended to that file and fsynced
+        before the delete script runs. A task retried meanwhile is left alone (the
+        script checks its state and finish time), so none is lost; a crash between
+        the two steps leaves records that the next pass archives again.
+        """
+        bad = set(states) - set(FINISHED_STATES)
+        if bad or not states or limit <= 0 or older_than_s < 0:
+            raise ValueError(f"trim_history: states must be among {FINISHED_STATES}, "
+                             f"limit > 0 and older_than_s >= 0 (got {states}, {limit}, "
+                             f"{older_than_s})")
+        token = secrets.token_hex(8)
+        if not self.redis.set(self.key("lock:history"), token, nx=True, px=lock_ms):
+            return -1
+        try:
+            pairs, label = self._history_batch(states, older_than_s, limit, archive)
+        except BaseException:
+            # No pairs: only releases the lock (which expires anyway if Redis is gone).
+            with contextlib.suppress(redis.RedisError):
+                self._run("archive", [token, 0, "", ""])
+            raise
+        return int(self._run("archive", [token, int(older_than_s * 1000), ",".join(states),
+                                          label, *pairs]))
+
+    def _history_batch(self, states: Sequence[str], older_than_s: float, limit: int,
+                       archive: Path | None) -> tuple[list[str], str]:
+        """The (task id, finished_at) pairs to remove and the archive label; in archive
+        mode the records are on disk when this returns."""
+        found = self.finished_before(states, older_than_s, limit)
+        if archive is None:
+            return [x for tid, at in found for x in (tid, str(at))], ""
+        raws = [raw for raw in self.tasks([tid for tid, _ in found])
+                if raw.get("state") in states and raw.get("finished_at")]
+        append_archive(archive, [archive_record(raw, self.queue) for raw in raws])
+        label = f"{socket.gethostname()}:{archive.absolute()}"
+        return [x for raw in raws for x in (raw["id"], raw["finished_at"])], label
+
+    def finished_before(self, states: Sequence[str], older_than_s: float, limit: int
+                        ) -> list[tuple[str, int]]:
+        """(task id, finished_at ms) of up to ``limit`` tasks in ``states`` that finished
+        ``older_than_s`` ago or earlier (server clock), oldest first."""
+        cutoff = self.server_time_ms() - int(older_than_s * 1000)
+        pipe = self.redis.pipeline(transaction=False)
+        for state in states:
+            pipe.zrangebyscore(self.key(state), "-inf", cutoff, start=0, num=limit,
+                               withscores=True)
+        found = [(str(tid), int(at)) for rows in pipe.execute() for tid, at in rows]
+        return sorted(found, key=lambda pair: pair[1])[:limit]
+
+    def history_due(self, states: Sequence[str], older_than_s: float) -> dict[str, int]:
+        """How many tasks of each state a trim with this age would remove (ZCOUNT)."""
+        cutoff = self.server_time_ms() - int(older_than_s * 1000)
+        pipe = self.redis.pipeline(transaction=False)
+        for state in states:
+            pipe.zcount(self.key(state), "-inf", cutoff)
+        return {state: int(n) for state, n in zip(states, pipe.execute(), strict=True)}
+
+    def history_counts(self) -> dict[str, dict[str, int]]:
+        """Per finished state: tasks still in Redis (``kept``: the state's index) and
+        removed by trimming (``trimmed``). ``kept + trimmed`` is the state's counter."""
+        pipe = self.redis.pipeline(transaction=False)
+        for state in FINISHED_STATES:
+            pipe.zcard(self.key(state))
+        pipe.hmget(self.key("counts"), [f"trimmed_{s}" for s in FINISHED_STATES])
+        *cards, trimmed = pipe.execute()
+        return {s: {"kept": int(n), "trimmed": _as_int(t)}
+                for s, n, t in zip(FINISHED_STATES, cards, trimmed, strict=True)}
+
+    def job_trimmed(self, job_ids: Sequence[str]) -> dict[str, tuple[int, str]]:
+        """Per job: how many of its tasks trimming removed, and its latest archive label
+        ("" if none was archived)."""
+        return {jid: (n, label) for jid, (n, label, _) in self._job_trimmed(job_ids).items()}
+
+    def _job_trimmed(self, job_ids: Sequence[str]) -> dict[str, tuple[int, str, int]]:
+        """Per job: (tasks trimmed, latest archive label, tasks expired without archive)."""
+        fields = [*(f"trimmed_{s}" for s in FINISHED_STATES), "archive", "expired"]
+        pipe = self.redis.pipeline(transaction=False)
+        for jid in job_ids:
+            pipe.hmget(self.key("job", jid), fields)
+        return {jid: (sum(_as_int(v) for v in row[:-2]), row[-2] or "", _as_int(row[-1]))
+                for jid, row in zip(job_ids, pipe.execute(), strict=True)}
+
+    def trimmed_task(self, task_id: str) -> TrimmedTask | None:
+        """The task if history trimming removed it, else None (it exists, or never did).
+
+        Two reads: a missing record with an id up to its job's high-water mark
+        (``n_tasks``: ids are dense) in a job that has trimmed tasks was trimmed.
+        """
+        jid, _, n = task_id.partition(".")
+        if not n.isdigit():
+            return None
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.exists(self.key("task", task_id))
+        pipe.hget(self.key("job", jid), "n_tasks")
+        exists, n_tasks = pipe.execute()
+        if exists or not 1 <= int(n) <= _as_int(n_tasks):
+            return None
+        trimmed, label, expired = self._job_trimmed([jid])[jid]
+        if not trimmed:
+            return None
+        return TrimmedTask(task_id, label, maybe_expired=bool(label) and expired > 0)
+
 
 def _job_from_hash(raw: dict[str, str]) -> JobInfo:
     return JobInfo(
@@ -555,6 +753,30 @@ def _job_from_hash(raw: dict[str, str]) -> JobInfo:
         n_tasks=_as_int(raw.get("n_tasks")),
         counts={s: _as_int(raw.get(f"n_{s}")) for s in STATES},
     )
+
+
+def _script_error(exc: redis.ResponseError) -> Exception:
+    """Our scripts' refusals, as our own exception types."""
+    text = str(exc)
+    for prefix, kind in (("NAMETAKEN", NameTakenError), ("NOTOWNER", NotOwnerError),
+                         ("NOJOB", NoJobError)):
+        if text.startswith(prefix):
+            return kind(text.split(" ", 1)[1])
+    return exc
+
+
+def _claim_args(worker: str, instance: str, free_mem: int, free_cpus: int, free_gpus: int,
+                max_count: int, lease_ms: int, free_resources: dict[str, int] | None
+                ) -> list[Any]:
+    return [worker, instance, free_mem, free_cpus, free_gpus, max_count, lease_ms,
+            secrets.token_hex(4), format_resources(free_resources or {})]
+
+
+def _claims(out: list[Any]) -> list[Claim]:
+    """``claim``'s reply: five fields per claimed task."""
+    return [Claim(out[i], out[i + 1], int(out[i + 2]), TaskSpec.from_json(out[i + 3]),
+                  int(out[i + 4]))
+            for i in range(0, len(out), 5)]
 
 
 def _flatten(mapping: dict[str, Any]) -> list[Any]:

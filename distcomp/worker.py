@@ -47,9 +47,12 @@ from typing import Any
 import psutil
 import redis
 
-from . import memory, runner
+from . import history, memory, runner
 from .cgroups import TaskCgroups
+from .config import HistorySettings
 from .heartbeat import HeartbeatFile
+from .pool import Pool, PoolConfig, PooledTask, eligible
+from .pytask import INLINE_PREFIX
 from .resources import detect_cpus, detect_gpus, detect_memory
 from .spec import GIB, MIB, TaskSpec, format_size
 from .store import Claim, HeldLease, NameTakenError, NotOwnerError, Store
@@ -117,6 +120,16 @@ class WorkerConfig:
     #: file (``result_dir``, else beside the logs) whose path is recorded.
     result_max_bytes: int = 1024 * 1024
     result_dir: Path | None = None
+    #: Run python tasks in warm interpreters (``distcomp.pool``) where they can.
+    python_pool: bool = True
+    #: A warm interpreter is replaced after this many calls, or once its resident
+    #: memory exceeds ``pool_max_rss`` after a call.
+    pool_max_tasks: int = 1000
+    pool_max_rss: int = 512 * MIB
+    #: How finished tasks leave Redis (``distcomp.history``); None: they stay. Any
+    #: worker may trim, once a minute; a lock makes it one at a time.
+    history: HistorySettings | None = None
+    history_interval: float = 60.0
 
 
 @dataclass
@@ -230,6 +243,10 @@ class Worker:
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._listener: threading.Thread | None = None
         self._closed = threading.Event()
+        self._next_trim = 0.0
+        self.pool = Pool(PoolConfig(python=config.python, pythonpath=list(config.pythonpath),
+                                    max_tasks=config.pool_max_tasks,
+                                    max_rss=config.pool_max_rss))
 
     # -- lifecycle -------------------------------------------------------
     def request_stop(self, *, drain: bool | None = None) -> None:
@@ -375,7 +392,6 @@ class Worker:
         while True:
             self._collect_finished()
             self._enforce_limits()
-            self._flush_outbox()
             now = time.monotonic()
             if now >= self.timers.heartbeat:
                 self._heartbeat()
@@ -383,16 +399,19 @@ class Worker:
             if now >= self.timers.reap:
                 self._reap()
             if self.stopping:
+                self._flush_outbox()
                 self._stop_running_tasks()
                 if not self.running and (not self.outbox or not self.online):
                     return
             elif self._reached_max_tasks():
+                self._flush_outbox()
                 self.stopping = True
                 continue
             else:
-                started = self._claim_and_start()
-                if started:
-                    continue
+                # Completions ride along with the claim (one round trip for both).
+                if self._claim_and_start():
+                    continue  # the claim was full: there may be more for us
+                self._flush_outbox()
                 if not self.running and self._should_exit():
                     return
             self._wait()
@@ -489,6 +508,7 @@ class Worker:
     def _heartbeat(self) -> None:
         self.timers.heartbeat = time.monotonic() + self.config.heartbeat
         self.heartbeat.touch()
+        self.pool.tend()
         if self._guardian is not None:
             self._guardian.poll()  # reap it if it exited
         if not self._redis_ok():
@@ -527,44 +547,88 @@ class Worker:
             return
         if n > 0:
             log.info("requeued %d tasks whose lease expired", n)
+        self._trim_history()
 
-    def _claim_and_start(self) -> int:
+    def _trim_history(self) -> None:
+        """Every ``history_interval``, let old finished tasks leave Redis (archived or expired, as
+        configured); bounded per pass, and a no-op while another worker does it."""
+        settings = self.config.history
+        now = time.monotonic()
+        if settings is None or settings.mode == "off" or now < self._next_trim:
+            return
+        self._next_trim = now + self.config.history_interval
+        try:
+            report = history.trim(self.store, settings, limit=1000)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            self._went_offline(exc)
+        except OSError as exc:  # the archive cannot be written: nothing was removed
+            log.warning("cannot write the history archive %s (%s); finished tasks stay "
+                        "in Redis", settings.archive, exc)
+        else:
+            if report.total:
+                log.info("history: %d finished tasks left Redis (%s)", report.total,
+                         settings.mode)
+
+    def _claim_and_start(self) -> bool:
+        """Claim what fits and start it; True if the claim got all it asked for (so
+        claiming again at once may get more). Otherwise the loop waits: a submit or
+        a finished task wakes it."""
         free_mem, free_cpus, free_gpus = self._free()
         # Declared budget AND measured headroom (less the high-water mark and what
         # running tasks are projected to grow into) must both allow a task.
         measured, fits = self.guard.admission([r.candidate() for r in self.running.values()],
                                               time.monotonic())
         if fits <= 0:
-            return 0
+            return False
         free_mem = min(free_mem, measured)
         room = min(self.config.max_running - len(self.running), fits)
         if self.config.max_tasks is not None:
             room = min(room, self.config.max_tasks - self.stats.started)
         if room <= 0 or not self._redis_ok():
-            return 0
+            return False
+        wanted = min(room, 64)
+        completes: list[_Report] = []
+        for report in self.outbox:
+            if report.kind != "complete" or len(completes) == 64:
+                break
+            completes.append(report)
         try:
-            claims = self.store.claim(
-                self.name, self.instance, free_mem=free_mem, free_cpus=free_cpus,
-                free_gpus=len(free_gpus), max_count=min(room, 64), lease_ms=self._lease_ms,
-                free_resources=self._free_resources())
+            if completes:
+                done, got = self.store.complete_then_claim(
+                    [(r.task_id, r.token, r.result) for r in completes],
+                    self.name, self.instance, free_mem=free_mem, free_cpus=free_cpus,
+                    free_gpus=len(free_gpus), max_count=wanted, lease_ms=self._lease_ms,
+                    free_resources=self._free_resources())
+                for report, applied in zip(completes, done, strict=True):
+                    self.outbox.popleft()
+                    self._completed(report, applied)
+                if isinstance(got, Exception):
+                    raise got
+                claims = got
+            else:
+                claims = self.store.claim(
+                    self.name, self.instance, free_mem=free_mem, free_cpus=free_cpus,
+                    free_gpus=len(free_gpus), max_count=wanted, lease_ms=self._lease_ms,
+                    free_resources=self._free_resources())
         except NotOwnerError:
             log.error("worker name %s was taken over by another process; stopping", self.name)
             self.request_stop()
             self.hard_stop = True
-            return 0
+            return False
         except _REDIS_ERRORS as exc:
             self._went_offline(exc)
-            return 0
+            return False
         self._came_online()
         payloads = self._payloads(claims)
         for claim in claims:
             self._start(claim, free_gpus, payloads)
-        return len(claims)
+        return len(claims) == wanted
 
     def _payloads(self, claims: list[Claim]) -> dict[str, bytes | None]:
         """The pickled payloads of this batch's python tasks, in one round trip."""
         keys = [c.spec.payload for c in claims
-                if c.spec.payload is not None and self.config.allow_pickle]
+                if c.spec.payload is not None and self.config.allow_pickle
+                and not c.spec.payload.startswith(INLINE_PREFIX)]
         if not keys:
             return {}
         try:
@@ -594,12 +658,19 @@ class Worker:
             taken = {c for r in self.running.values() for c in r.cores}
             cores = [c for c in self.cores if c not in taken][:max(1, claim.spec.cpus)]
         self.stats.started += 1
+        payload = (payloads or {}).get(claim.spec.payload or "")
+        proc: runner.TaskProcess
         try:
-            proc = runner.start(claim.spec, claim.task_id, claim.attempt, self.log_dir,
-                                tag=self.tag, gpus=gpus, cores=cores,
-                                payload=(payloads or {}).get(claim.spec.payload or ""),
-                                pythonpath=self.config.pythonpath, python=self.config.python,
-                                cgroup_procs=cgroup)
+            if self.config.python_pool and eligible(claim.spec, gpus=len(gpus),
+                                                    pinned=bool(cores), cgroup=bool(cgroup)):
+                env = runner.task_env_changes(claim.spec, claim.task_id, claim.attempt, gpus)
+                proc = self.pool.start(claim.spec, claim.task_id, claim.attempt, self.log_dir,
+                                       payload=payload, env=env)
+            else:
+                proc = runner.start(claim.spec, claim.task_id, claim.attempt, self.log_dir,
+                                    tag=self.tag, gpus=gpus, cores=cores, payload=payload,
+                                    pythonpath=self.config.pythonpath,
+                                    python=self.config.python, cgroup_procs=cgroup)
         except runner.LaunchError as exc:
             self.outbox.append(_Report("fail", claim.task_id, claim.token,
                                        {"host": self.host}, reason=str(exc), spec=claim.spec))
@@ -646,6 +717,7 @@ class Worker:
         for item in self.running.values():
             item.proc.kill_now("worker stopping")
         self._closed.set()
+        self.pool.close()
         self._poke()
         with contextlib.suppress(*_REDIS_ERRORS):
             self._collect_finished()
@@ -676,7 +748,9 @@ class Worker:
             "err_path": str(item.proc.err_path),
             "started_wall": f"{item.proc.started_wall:.3f}",
         }
-        tid, token, status = item.claim.task_id, item.claim.token, item.proc.status_path
+        tid, token = item.claim.task_id, item.claim.token
+        # A pooled call leaves no status file to delete.
+        status = None if isinstance(item.proc, PooledTask) else item.proc.status_path
         spec = item.claim.spec
         cleanup: list[Path] = []
         py_error = ""
@@ -724,6 +798,8 @@ class Worker:
         reason ("" if none) and the files to delete once the report is in."""
         call_path, result_path = runner.python_paths(item.proc.status_path)
         cleanup = [call_path, result_path]
+        if isinstance(item.proc, PooledTask) and not item.proc.wrote_call_file:
+            cleanup = [result_path]
         result["result"] = ""
         result["result_path"] = ""
         result["result_size"] = ""
@@ -764,20 +840,29 @@ class Worker:
                 status_path.unlink()
 
     def _send(self, report: _Report) -> None:
+        if report.kind == "complete":
+            self._completed(report, self.store.complete(report.task_id, report.token,
+                                                        report.result))
+            return
         self._apply(report)
+        self._after_report(report)
+
+    def _completed(self, report: _Report, applied: bool) -> None:
+        """A completion is in (``applied`` False: the lease had moved on)."""
+        if applied:
+            self.stats.succeeded += 1
+        else:
+            self.stats.stale += 1
+        self._after_report(report)
+
+    def _after_report(self, report: _Report) -> None:
         self._forget(report.task_id, report.status_path)
         for path in report.cleanup:
             with contextlib.suppress(OSError):
                 path.unlink()
 
     def _apply(self, report: _Report) -> None:
-        if report.kind == "complete":
-            applied = self.store.complete(report.task_id, report.token, report.result)
-            if applied:
-                self.stats.succeeded += 1
-            else:
-                self.stats.stale += 1
-        elif report.kind == "fail":
+        if report.kind == "fail":
             spec = report.spec
             status = self.store.fail(report.task_id, report.token, report.reason, report.result,
                                      retry_delay=(spec.retry_delay or 0.0) if spec else 0.0,
@@ -888,6 +973,10 @@ class Worker:
             os.write(self._wake_w, b"x")
 
     def _selector_watch(self, item: Running) -> None:
+        if isinstance(item.proc, PooledTask):  # its reply pipe (the pool owns the fd)
+            self._selector.register(item.proc.watch_fd, selectors.EVENT_READ,
+                                    item.claim.task_id)
+            return
         if _HAVE_PIDFD:
             try:
                 fd = os.pidfd_open(item.proc.pid)
@@ -897,6 +986,10 @@ class Worker:
             item.proc.pidfd = fd
 
     def _selector_forget(self, item: Running) -> None:
+        if isinstance(item.proc, PooledTask):
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(item.proc.watch_fd)
+            return
         fd = item.proc.pidfd
         if fd is not None:
             item.proc.pidfd = None

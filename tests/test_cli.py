@@ -66,6 +66,17 @@ def test_failed_tasks_make_run_exit_1_with_reasons(cli_env: dict[str, str], tmp_
     assert retry.returncode == 0 and "1 tasks requeued" in retry.stdout
 
 
+def test_repeated_line_is_one_task_in_the_summary(cli_env: dict[str, str], store: Store,
+                                                 tmp_path: Path) -> None:
+    tasks = tmp_path / "t.txt"
+    tasks.write_text("shell:1:0:1:echo a\nshell:1:0:1:echo b\nshell:1:0:1:echo a\n")
+    proc = run_cli(["run", str(tasks), "--no-progress"], cli_env)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 tasks: 2 succeeded" in proc.stdout  # the repeat is the same task
+    job = store.job("1")
+    assert job is not None and job.n_tasks == 2
+
+
 def test_bad_line_refuses_whole_file(cli_env: dict[str, str], store: Store, tmp_path: Path
                                      ) -> None:
     lines = [f"shell:1:1:1:echo {i}" for i in range(10_000)]

@@ -20,6 +20,7 @@ from conftest import RedisProcess, wait_for
 
 from distcomp import Client, Executor
 from distcomp.executor import RemoteError, RemoteTraceback, TaskFuture
+from distcomp.server import stop_embedded
 
 # Test functions travel by value, so task interpreters need not import this module.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -236,5 +237,27 @@ def test_client_submit_map_gather_and_job_handle(client: Client) -> None:
         twice = [client.submit(mul, 1, 1), client.submit(mul, 1, 1)]
         assert twice[0].task_id != twice[1].task_id
         assert client.gather(twice, timeout=30) == [1, 1]
+        # Single calls of one client share one job, instead of a job each.
+        assert fut.job_id == twice[0].job_id == twice[1].job_id != futures[0].job_id
     finally:
         worker.stop()
+
+
+def noop(x: int) -> int:
+    return x
+
+
+@pytest.mark.slow
+def test_ten_thousand_calls_on_the_embedded_default(tmp_path: Path) -> None:
+    """The Python-tasks acceptance run: 10,000 no-op calls through Executor.map on the
+    embedded default server (started here in a private state directory) with its
+    local worker; every result in order, each call one task."""
+    try:
+        with Executor(state_dir=tmp_path / "state") as ex:
+            assert ex.client.url.startswith("unix://")
+            results = list(ex.map(noop, range(10_000), timeout=600))
+            assert results == list(range(10_000))
+            job = ex.client.jobs()[-1]
+            assert job.n_tasks == 10_000 and job.counts["succeeded"] == 10_000
+    finally:
+        stop_embedded(tmp_path / "state")

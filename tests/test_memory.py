@@ -89,6 +89,13 @@ def test_admission_waits_for_a_new_job_then_uses_its_profile() -> None:
     guard.observe("7", done)
     budget, count = guard.admission([], now + 5)
     assert count == budget // (1000 * MIB) >= 1  # as many as a 1 GiB peak allows
+    # A job whose tasks peaked above what this node has free must not keep the
+    # node idle: with nothing running, one task may always try.
+    huge = memory.Guard(1 * GIB, memory.Watermarks(low=100 * MIB, high=200 * MIB))
+    huge.observe("8", usage_of((0, 900 * MIB)), "8.1")
+    assert huge.admission([], now)[1] == 1
+    assert huge.admission([cand("9.1", now - 10, 10 * MIB, (now - 9, 10 * MIB),
+                                (now - 1, 10 * MIB))], now)[1] == 0
 
 
 def test_default_watermarks() -> None:

@@ -199,9 +199,20 @@ def test_call_and_result_files_are_cleaned_up(client: Client, start_worker: Star
     assert leftovers == []
 
 
-def test_payload_is_stored_under_the_queue_prefix(client: Client, store: Store) -> None:
-    fut = client.submit(big_bytes, 1)
+def test_large_payload_is_stored_under_the_queue_prefix(client: Client, store: Store) -> None:
+    data = b"z" * 20_000
+    fut = client.submit(len, data)
     spec = json.loads(client.task_raw(fut.task_id)["spec"])
     assert spec["kind"] == "python" and spec["payload"].startswith(store.prefix + "payload:")
     (blob,) = store.get_payloads([spec["payload"]])
-    assert blob is not None and cloudpickle.loads(blob)[1] == (1,)
+    assert blob is not None and cloudpickle.loads(blob)[1] == (data,)
+
+
+def test_small_payload_travels_inside_the_spec(client: Client, store: Store,
+                                                start_worker: StartWorker) -> None:
+    fut = client.submit(big_bytes, 3)
+    spec = json.loads(client.task_raw(fut.task_id)["spec"])
+    assert spec["payload"].startswith("inline:")
+    assert store.redis.keys(store.prefix + "payload:*") == []
+    start_worker(max_tasks=1, allow_pickle=True).join()
+    assert fut.result(timeout=30) == b"xxx"

@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from distcomp.spec import GIB, MIB, TaskSpec
-from distcomp.store import STATES, NameTakenError, NotOwnerError, Store, shape_of
+from distcomp.store import STATES, NameTakenError, NoJobError, NotOwnerError, Store, shape_of
 
 LEASE = 60_000
 
@@ -108,8 +108,10 @@ def test_cpus_are_enforced_within_one_claim(store: Store) -> None:
 
 
 def test_claim_cost_does_not_grow_with_backlog(store: Store) -> None:
-    """A claim inspects the heads of the shapes only: its Redis command count is the
-    same with 500 or 20,000 tasks waiting (no scan)."""
+    """A claim inspects the heads of the shapes only: its Redis command count is
+    bounded by claims x shapes, with 500 as with 20,000 tasks waiting (no scan).
+    (The exact count varies a little with the order SMEMBERS lists the shapes in:
+    a head that cannot beat the best one found so far is not read.)"""
 
     def commands_per_claim(n_tasks: int, queue: str) -> int:
         s = Store(store.url, queue)
@@ -123,9 +125,11 @@ def test_claim_cost_does_not_grow_with_backlog(store: Store) -> None:
         return sum(v["calls"] for k, v in stats.items()
                    if k not in ("cmdstat_evalsha", "cmdstat_info", "cmdstat_config|resetstat"))
 
+    shapes, n = 10, 5  # mem in 5 sizes x cpus in 2; claims of 5 tasks
+    bound = n * (2 * shapes + 16)  # per task: a ZRANGE and an HGET per shape, + fixed
     small = commands_per_claim(500, store.queue + "s")
     large = commands_per_claim(20_000, store.queue + "l")
-    assert small == large
+    assert small <= bound and large <= bound, (small, large, bound)
 
 
 def test_stale_completion_is_rejected_and_recorded(store: Store) -> None:
@@ -360,3 +364,38 @@ def test_custom_resources_are_enforced_by_claim(store: Store) -> None:
                                           free_resources={"license": 3})]
     assert got == ["1.2"]
     check_counters(store)
+
+
+def test_api_submissions_skip_dedup_and_can_join_a_job(store: Store) -> None:
+    first = store.submit([spec("same"), spec("same")], dedup=False)
+    assert first.new == 2 and first.task_ids == ["1.1", "1.2"]
+    assert store.redis.hlen(store.key("dedup")) == 0  # nothing recorded: no unbounded growth
+    more = store.submit([spec("same"), spec("other", priority=3)], dedup=False, job_id="1")
+    assert more.job_id == "1" and more.task_ids == ["1.3", "1.4"]
+    job = store.job("1")
+    assert job is not None and job.n_tasks == 4 and job.counts["queued"] == 4
+    inst = register(store)
+    assert claim(store, "w1", inst, n=4) == ["1.4", "1.1", "1.2", "1.3"]  # priority, then age
+    with pytest.raises(NoJobError):
+        store.submit([spec("x")], dedup=False, job_id="7")
+    assert store.job_ids() == ["1"] and store.counts()["running"] == 4
+    check_counters(store)
+
+
+def test_payloads_travel_with_the_submission(store: Store) -> None:
+    key = store.payload_key("p1")
+    result = store.submit([TaskSpec(cmd="f", kind="python", payload=key)], dedup=False,
+                          payloads={key: b"\x80pickle"})
+    assert result.new == 1 and store.get_payloads([key]) == [b"\x80pickle"]
+    other = store.payload_key("p2")
+    with pytest.raises(NoJobError):  # a refused submission leaves no payload behind
+        store.submit([TaskSpec(cmd="f", kind="python", payload=other)], dedup=False,
+                     job_id="99", payloads={other: b"x"})
+    assert store.get_payloads([other]) == [None]
+
+
+def test_queue_default_retries_apply_to_tasks_without_their_own(store: Store) -> None:
+    store.set_config(default_retries=2)
+    store.submit([spec("inherits"), spec("own", retries=0)])
+    assert [store.redis.hget(store.key("task", t), "retries") for t in ("1.1", "1.2")] \
+        == ["2", "0"]

@@ -8,7 +8,9 @@ queue (the test suite counts them with ``INFO commandstats``):
 * tasks: a page of the dense ids ``J.1 .. J.n`` (or of the ``failed``/``running``
   sorted sets), one pipelined HMGET each. A filter the store keeps no index for
   (queued/succeeded/cancelled, tag, text) is applied to a bounded window of ids
-  per request, and the reply carries a cursor to continue from;
+  per request, and the reply carries a cursor to continue from. The reply also
+  says how many finished tasks history trimming removed (O(jobs) reads), and the
+  detail of a removed task says where its record went instead of "no task";
 * failures grouped by reason: the newest :data:`FAILURE_SCAN` ids of the
   ``failed`` set, read page by page; the reply says how many it looked at.
 
@@ -142,7 +144,8 @@ class Dashboard:
                 nxt = str(start) if start < total else None
                 if not (job or tag or text):
                     break
-            return {"tasks": rows, "next": nxt, "scanned": scanned, "indexed": True}
+            return {"tasks": rows, "next": nxt, "scanned": scanned, "indexed": True,
+                    **self.trimmed(job)}
         # No index for the state: walk the dense ids from the cursor ("J.n").
         jobs = self.client.jobs([job] if job else None)
         if job and not jobs:
@@ -173,10 +176,26 @@ class Dashboard:
             i, n = i + 1, 1
         if i < len(jobs):
             nxt = f"{jobs[i].id}.{n}"
-        return {"tasks": rows, "next": nxt, "scanned": scanned, "indexed": False}
+        return {"tasks": rows, "next": nxt, "scanned": scanned, "indexed": False,
+                **self.trimmed(job)}
+
+    def trimmed(self, job: str | None) -> dict[str, Any]:
+        """How many finished tasks (of ``job``, or of the queue) history trimming took out
+        of Redis and where their records went: the task list says so instead of looking
+        short. O(jobs) reads of the job records."""
+        store = self.client.store
+        per_job = store.job_trimmed([job] if job else store.job_ids())
+        labels = sorted({label for n, label in per_job.values() if n and label})
+        return {"trimmed": sum(n for n, _ in per_job.values()), "archives": labels}
 
     def task_detail(self, task_id: str) -> dict[str, Any]:
-        raw = self.client.task_raw(task_id)
+        try:
+            raw = self.client.task_raw(task_id)
+        except NotFoundError:
+            gone = self.client.store.trimmed_task(task_id)
+            if gone is None:
+                raise
+            raise NotFoundError(gone.describe()) from None
         row = row_from_hash(raw)
         logs: dict[str, dict[str, Any]] = {}
         for stream in ("out", "err"):

@@ -6,6 +6,8 @@
 -- Invariants: a finished task is left as it is; a running task loses its lease
 -- at once, so its worker's renew reports it lost (and a control message asks the
 -- worker to kill it now), and the worker's later completion is rejected as stale.
+-- A cancelled task enters the `cancelled` index by finish time (for retry and
+-- history trimming).
 -- Returns: number of tasks cancelled.
 local reason = ARGV[1]
 local now = now_ms()
@@ -22,6 +24,7 @@ for i = 2, #ARGV do
   end
   if f[1] == 'queued' or f[1] == 'running' then
     redis.call('HSET', tk, 'state', 'cancelled', 'reason', reason, 'finished_at', int(now))
+    redis.call('ZADD', P .. 'cancelled', int(now), tid)
     move(f[2], f[1], 'cancelled')
     event('cancelled', tid, 'reason', reason)
     n = n + 1

@@ -12,7 +12,7 @@ for i = 1, #ARGV do
   local tk = task_key(tid)
   local f = redis.call('HMGET', tk, 'state', 'job', 'shape', 'score')
   if f[1] == 'failed' or f[1] == 'cancelled' then
-    redis.call('ZREM', P .. 'failed', tid)
+    redis.call('ZREM', P .. f[1], tid)  -- the failed or cancelled index
     redis.call('HSET', tk, 'state', 'queued', 'fails', 0, 'lost', 0, 'excl', '|',
       'reason', 'retried (was ' .. f[1] .. ')')
     move(f[2], f[1], 'queued')

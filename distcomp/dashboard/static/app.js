@@ -135,11 +135,19 @@ async function loadTasks(cursor) {
       el("td", {}, fmtSize(t.peak_rss)), el("td", {}, t.host), el("td", {}, (t.reason || "").slice(0, 60))));
   }
   nextCursor = d.next; $("#next-page").disabled = !d.next;
-  $("#tasks-note").textContent = d.indexed ? "" : `looked at ${d.scanned} tasks`;
+  const notes = d.indexed ? [] : [`looked at ${d.scanned} tasks`];
+  if (d.trimmed) notes.push(`${d.trimmed} finished tasks are no longer in Redis (history trimming` +
+    (d.archives.length ? `; archived to ${d.archives.join(", ")})` : "; expired)"));
+  $("#tasks-note").textContent = notes.join(" · ");
 }
 async function showTask(tid) {
-  const d = await api("/api/tasks/" + encodeURIComponent(tid));
+  let d;
   $("#detail").hidden = false; $("#detail-id").textContent = tid;
+  try { d = await api("/api/tasks/" + encodeURIComponent(tid)); } catch (e) {
+    // e.g. a task history trimming archived: the message says where its record went
+    $("#detail-body").replaceChildren(el("p", {class: "error"}, e.message));
+    return;
+  }
   const t = d.task, rec = d.record;
   const facts = el("table", {},
     ...[["state", t.state], ["command", t.cmd], ["attempts", t.attempt], ["host", t.host],
