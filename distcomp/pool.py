@@ -241,7 +241,7 @@ class Pool:
         self.busy.add(member.pid)
         now = time.monotonic()
         return PooledTask(
-            task_id=task_id, pid=member.pid, pid_start=0.0, popen=member.popen,
+            task_id=task_id, pid=member.pid, pid_start=0.0, child=True,
             out_path=out_path, err_path=err_path, status_path=status_path, started=now,
             started_wall=time.time(), deadline=now + spec.timeout if spec.timeout else None,
             pool=self, member=member, watch_fd=member.replies,

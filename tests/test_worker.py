@@ -54,6 +54,27 @@ def test_runs_tasks_with_environment_and_logs(store: Store, start_worker: StartW
     assert task["host"] and float(task["wall"]) >= 0
 
 
+def test_tasks_get_default_signal_handling_and_no_worker_fds(
+        store: Store, start_worker: StartWorker, tmp_path: Path) -> None:
+    """Python ignores SIGPIPE; a task must not inherit that (``yes | head`` would
+    complain of a broken pipe), nor any descriptor of the worker's (Redis sockets,
+    pidfds, pipes, whatever the worker itself inherited): only 0, 1 and 2. Both
+    ways of starting a task are covered (posix_spawn, and Popen for a cwd)."""
+    leaked = os.open(os.devnull, os.O_RDONLY)
+    os.set_inheritable(leaked, True)  # as if the worker's own parent had left one
+    try:
+        cmd = "yes | head -c 1 >/dev/null; ls /proc/$$/fd"
+        store.submit([TaskSpec(cmd=cmd), TaskSpec(cmd=cmd + " ", cwd=str(tmp_path))])
+        start_worker(max_tasks=2).join()
+    finally:
+        os.close(leaked)
+    for tid in ("1.1", "1.2"):
+        task = store.task(tid)
+        assert task is not None and task["state"] == "succeeded", task
+        assert task["err_tail"] == "", task["err_tail"]  # no "Broken pipe"
+        assert sorted(int(fd) for fd in task["out_tail"].split()) == [0, 1, 2]
+
+
 def test_failures_record_exit_code_and_signal(store: Store, start_worker: StartWorker,
                                               tmp_path: Path) -> None:
     store.submit([TaskSpec(cmd="exit 7"), TaskSpec(cmd="kill -9 $$"),
