@@ -21,6 +21,7 @@ still pending, in one pipelined read, as a safety net.
 from __future__ import annotations
 
 import base64
+import collections
 import concurrent.futures as cf
 import contextlib
 import logging
@@ -60,7 +61,10 @@ OPTION_NAMES = ("mem", "mem_limit", "cpus", "gpus", "resources", "priority", "ti
 
 _OUTCOME_FIELDS = ("state", "result", "result_path", "result_size", "reason", "host")
 _FINAL_EVENTS = ("succeeded", "failed", "cancelled")
-#: Seconds of a quiet stream after which pending futures are checked (safety net).
+#: Final events kept for tasks whose future does not exist yet (see ``_early``).
+_EARLY_KEPT = 10_000
+#: Every so many seconds, pending futures are checked against their tasks' states
+#: (safety net for events missed or trimmed from the stream).
 _RECONCILE_AFTER = 5.0
 
 
@@ -220,6 +224,10 @@ class PythonTasks:
         self._stop = threading.Event()
         #: The job single calls (``submit``) of this client go into, made on the first.
         self._session_job: str | None = None
+        #: Final events of tasks with no future yet: a warm interpreter can finish a
+        #: call before ``submit`` has returned its id (bounded; oldest dropped).
+        self._early: collections.OrderedDict[str, dict[str, str | None] | None] = \
+            collections.OrderedDict()
         self._session_lock = threading.Lock()
 
     # -- submitting ------------------------------------------------------
@@ -251,9 +259,21 @@ class PythonTasks:
             name = job_name or f"python: {getattr(fn, '__qualname__', 'call')}"
             result = self.store.submit(specs, job_name=name, dedup=False, payloads=blobs)
         futures = [TaskFuture(self, tid) for tid in result.task_ids]
+        carried: dict[str, dict[str, str | None]] = {}
+        unread: list[str] = []
         with self._lock:
             for fut in futures:
                 self._pending[fut.task_id] = fut
+                if fut.task_id in self._early:  # it finished before we knew its id
+                    outcome = self._early.pop(fut.task_id)
+                    if outcome is None:
+                        unread.append(fut.task_id)
+                    else:
+                        carried[fut.task_id] = outcome
+        for tid, outcome in carried.items():
+            self._settle(tid, outcome)
+        if unread:
+            self._resolve(unread)
         return futures
 
     def _submit_to_session(self, specs: list[TaskSpec], blobs: dict[str, bytes]
@@ -318,7 +338,7 @@ class PythonTasks:
             self._thread.start()
 
     def _listen(self) -> None:
-        quiet_since = time.monotonic()
+        last_check = time.monotonic()
         backoff = 0.1
         while not self._stop.is_set():
             try:
@@ -330,14 +350,16 @@ class PythonTasks:
                 backoff = min(backoff * 2, 5.0)
                 continue
             now = time.monotonic()
-            if not events:
-                if self._pending and now - quiet_since > _RECONCILE_AFTER:
-                    quiet_since = now
-                    with self._lock:
-                        ids = list(self._pending)
+            if now - last_check > _RECONCILE_AFTER:
+                # Safety net, busy stream or not: an entry trimmed from the capped
+                # stream before we read it must not leave a future waiting forever.
+                last_check = now
+                with self._lock:
+                    ids = list(self._pending)
+                if ids:
                     self._reconcile(ids)
+            if not events:
                 continue
-            quiet_since = now
             self._after = events[-1][0]
             finished: list[str] = []
             carried: dict[str, dict[str, str | None]] = {}
@@ -345,9 +367,15 @@ class PythonTasks:
                 for _, fields in events:
                     tid = fields.get("task", "")
                     fut = self._pending.get(tid)
-                    if fut is None:
-                        continue
                     kind = fields.get("type")
+                    if fut is None:
+                        if kind in _FINAL_EVENTS:
+                            self._early[tid] = ({"state": "succeeded", "result": fields["result"]}
+                                                if kind == "succeeded" and fields.get("result")
+                                                else None)
+                            while len(self._early) > _EARLY_KEPT:
+                                self._early.popitem(last=False)
+                        continue
                     if kind == "claim":
                         with contextlib.suppress(RuntimeError):
                             if not fut.running() and not fut.done():

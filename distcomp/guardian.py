@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from .heartbeat import HeartbeatFile
-from .runner import find_tasks, is_same_process
+from .runner import find_interpreters, find_tasks, is_same_process
 
 
 def silence_limit(lease: float, grace: float, interval: float) -> float:
@@ -37,18 +37,21 @@ def silence_limit(lease: float, grace: float, interval: float) -> float:
 
 
 def stop_orphans(tag: str, grace: float) -> int:
-    found = list(find_tasks(tag).values())
-    for task in found:
+    """Stop the worker's task wrappers and warm python interpreters (each a process
+    group): SIGTERM, then SIGKILL after the grace."""
+    found = [(t.pid, t.pid_start) for t in find_tasks(tag).values()]
+    found += find_interpreters(tag)
+    for pid, _ in found:
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(task.pid, signal.SIGTERM)
+            os.killpg(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(is_same_process(t.pid, t.pid_start)
-                                              for t in found):
+    while time.monotonic() < deadline and any(is_same_process(pid, start)
+                                              for pid, start in found):
         time.sleep(0.1)
-    for task in found:
-        if is_same_process(task.pid, task.pid_start):
+    for pid, start in found:
+        if is_same_process(pid, start):
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(task.pid, signal.SIGKILL)
+                os.killpg(pid, signal.SIGKILL)
     return len(found)
 
 

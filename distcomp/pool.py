@@ -18,12 +18,16 @@ and after ``idle_timeout`` without work.
 What a warm interpreter cannot do, the worker leaves to a fresh one per task
 (:func:`eligible`): GPU tasks (CUDA reads ``CUDA_VISIBLE_DEVICES`` once per
 process), pinned tasks and tasks with a kernel-enforced memory cgroup (both
-apply to a whole process from its start), and tasks whose environment sets
-variables the interpreter reads only at start-up (``PYTHON*``, ``LD_*``).
+apply to a whole process from its start), tasks with a ``mem_limit`` (what an
+earlier call left in the interpreter must not count against it), and tasks
+whose environment sets variables the interpreter reads only at start-up
+(``PYTHON*``, ``LD_*``).
 
 Pooled tasks are not re-adopted by a restarted worker: the pool dies with its
-worker (``PR_SET_PDEATHSIG``), so a worker crash sends those tasks back to the
-queue to run again, as for any task whose process is gone. Modules stay
+worker (``PR_SET_PDEATHSIG``; the worker's tag is on each interpreter's command
+line, so the guardian stops a hung worker's interpreters with its task
+wrappers), and those tasks go back to the queue to run again, as for any task
+whose process is gone. Modules stay
 imported between calls: code changed on disk is picked up by the next fresh
 interpreter (after ``max_tasks``) or a worker restart.
 """
@@ -59,11 +63,18 @@ class PoolConfig:
     max_rss: int = 512 * 1024 * 1024
     #: Retire an idle interpreter after this many seconds without work.
     idle_timeout: float = 60.0
+    #: The worker's tag, in each interpreter's command line, so the guardian finds
+    #: them as it finds the worker's task wrappers.
+    tag: str = ""
+    #: A retired interpreter still running after this long is killed.
+    retire_grace: float = 5.0
 
 
 def eligible(spec: TaskSpec, *, gpus: int, pinned: bool, cgroup: bool) -> bool:
-    """Can this python task run in a warm interpreter (see the module docstring)?"""
-    if spec.kind != "python" or gpus or spec.gpus or pinned or cgroup:
+    """Can this python task run in a warm interpreter (see the module docstring)? Not
+    with a ``mem_limit`` either: an interpreter's memory includes what earlier calls
+    left, which must not count against this call's limit."""
+    if spec.kind != "python" or gpus or spec.gpus or pinned or cgroup or spec.mem_limit:
         return False
     return not any(name.startswith(("PYTHON", "LD_")) for name, _ in spec.env)
 
@@ -79,6 +90,7 @@ class PoolProcess:
     calls: int = 0
     idle_since: float = field(default_factory=time.monotonic)
     buffer: bytearray = field(default_factory=bytearray)
+    retired_at: float | None = None
 
     @property
     def pid(self) -> int:
@@ -93,7 +105,9 @@ class PoolProcess:
 
     def read_reply(self) -> tuple[dict[str, int] | None, bool]:
         """(reply, alive): a complete reply if one arrived; alive False at end of
-        stream (the interpreter died)."""
+        stream (the interpreter died, or we closed the pipe)."""
+        if self.replies < 0:
+            return None, False
         try:
             chunk = os.read(self.replies, 65536)
         except BlockingIOError:
@@ -147,12 +161,16 @@ class PooledTask(runner.TaskProcess):
         reply, alive = self.member.read_reply()
         wall = time.monotonic() - self.started
         if reply is not None and not self.kill_sent_at:
-            self.peak_rss = max(self.peak_rss, int(reply["peak"]))
+            # The interpreter's high-water mark if this call raised it, else at
+            # least what it holds now (baseline included, as for any process).
+            self.peak_rss = max(self.peak_rss, int(reply["peak"]), int(reply["rss"]))
             self._outcome = runner.Outcome(int(reply["code"]), None, wall, self.peak_rss,
                                            self.kill_reason)
             self.pool.release(self.member, rss=int(reply["rss"]))
             return self._outcome
-        if alive and not self.kill_sent_at:
+        if alive and not self.kill_sent_at and self.member.reap() is None:
+            # (Checked directly too: a child the call forked may hold the reply pipe
+            # open after the interpreter itself died.)
             return None
         # Killed (by us or by a crash): wait for the interpreter to be gone (the
         # worker's loop escalates SIGTERM to SIGKILL), then report how it ended, as
@@ -190,7 +208,7 @@ class Pool:
         try:
             popen = subprocess.Popen(
                 [self.config.python, "-m", "distcomp.pytask", "--serve", str(req_r), str(rep_w),
-                 str(os.getpid()), "pool"],
+                 str(os.getpid()), runner.TASK_TAG_PREFIX + self.config.tag],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 pass_fds=(req_r, rep_w), env=env, start_new_session=True)
         except OSError as exc:
@@ -220,16 +238,16 @@ class Pool:
         out_path, err_path, status_path, cwd = runner.prepare(spec, task_id, attempt, log_dir)
         data = runner.python_call_data(spec, payload)
         call_path, result_path = runner.python_paths(status_path)
-        with contextlib.suppress(FileNotFoundError):
-            result_path.unlink()
         inline: bytes | None = data
-        if len(data) > INLINE_CALL_BYTES:
-            inline = None
-            try:
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                result_path.unlink()
+            if len(data) > INLINE_CALL_BYTES:
+                inline = None
                 call_path.write_bytes(data)
-            except OSError as exc:
-                raise runner.LaunchError(f"cannot write {call_path}: {exc.strerror}") from exc
-        member = self._take()
+            member = self._take()
+        except OSError as exc:  # unwritable log dir, out of fds or processes...
+            raise runner.LaunchError(f"cannot start the call: {exc}") from exc
         try:
             member.send({"call": inline, "call_path": str(call_path), "result": str(result_path),
                          "out": str(out_path), "err": str(err_path), "env": env,
@@ -262,6 +280,7 @@ class Pool:
             self.idle.remove(member)
         self.members.pop(member.pid, None)
         member.close(kill=kill)
+        member.retired_at = time.monotonic()
         self._retired.append(member)
 
     def tend(self, now: float | None = None) -> None:
@@ -269,7 +288,19 @@ class Pool:
         now = time.monotonic() if now is None else now
         for member in [m for m in self.idle if now - m.idle_since > self.config.idle_timeout]:
             self.discard(member)
-        self._retired = [m for m in self._retired if m.reap() is None]
+        still: list[PoolProcess] = []
+        for member in self._retired:
+            if member.reap() is None and now - (member.retired_at or now) < \
+                    self.config.retire_grace:
+                still.append(member)
+                continue
+            # Exited (or overdue: a thread a call left behind keeps it alive): whatever
+            # is left of its process group goes, as after a one-shot task.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(member.pid, signal.SIGKILL)
+            if member.reap() is None:
+                still.append(member)  # reaped next time
+        self._retired = still
 
     def close(self) -> None:
         """Stop every interpreter (the worker is exiting)."""

@@ -182,6 +182,7 @@ def _run_request(request: dict[str, Any]) -> dict[str, Any]:
     os.close(out)
     os.close(err)
     saved_env = {name: os.environ.get(name) for name in request["env"]}
+    saved_streams = sys.stdout, sys.stderr
     os.environ.update(request["env"])
     home = os.getcwd()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -199,6 +200,10 @@ def _run_request(request: dict[str, Any]) -> dict[str, Any]:
         with contextlib.suppress(Exception):
             sys.stderr.flush()
         os.chdir(home)
+        sys.stdout, sys.stderr = saved_streams  # in case the call replaced them
+        for stream in saved_streams:
+            with contextlib.suppress(Exception):
+                stream.flush()
         for name, value in saved_env.items():
             if value is None:
                 os.environ.pop(name, None)
@@ -233,7 +238,10 @@ def serve(request_fd: int, reply_fd: int, worker_pid: int) -> int:
 
 def main(argv: list[str]) -> int:
     if len(argv) == 5 and argv[0] == "--serve":
-        return serve(int(argv[1]), int(argv[2]), int(argv[3]))
+        code = serve(int(argv[1]), int(argv[2]), int(argv[3]))
+        # Exit now: a non-daemon thread some call left running must not keep a
+        # retired interpreter (and the memory it was retired for) alive.
+        os._exit(code)
     if len(argv) != 2:
         print("usage: python -m distcomp.pytask CALL_FILE RESULT_FILE", file=sys.stderr)
         return 2

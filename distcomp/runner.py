@@ -277,6 +277,18 @@ def find_tasks(tag: str) -> dict[Path, FoundTask]:
     return found
 
 
+def find_interpreters(tag: str) -> list[tuple[int, float]]:
+    """(pid, start time) of every warm python interpreter (``distcomp.pool``) started
+    with ``tag``: the guardian stops them with the task wrappers."""
+    marker = TASK_TAG_PREFIX + tag
+    found: list[tuple[int, float]] = []
+    for proc in psutil.process_iter(["cmdline", "create_time"]):
+        cmd = proc.info.get("cmdline") or []
+        if len(cmd) >= 8 and cmd[-1] == marker and cmd[-6:-4] == ["distcomp.pytask", "--serve"]:
+            found.append((proc.pid, proc.info["create_time"]))
+    return found
+
+
 def _leads_group(pid: int) -> bool:
     try:
         return os.getpgid(pid) == pid
@@ -338,7 +350,10 @@ def python_call_data(spec: TaskSpec, payload: bytes | None) -> bytes:
     """What the interpreter runs: the pickled payload, or a JSON reference."""
     if spec.payload is not None:
         if spec.payload.startswith(INLINE_PREFIX):
-            return base64.b64decode(spec.payload[len(INLINE_PREFIX):])
+            try:
+                return base64.b64decode(spec.payload[len(INLINE_PREFIX):], validate=True)
+            except ValueError as exc:
+                raise LaunchError(f"the task's inline payload is corrupt: {exc}") from exc
         if payload is None:
             raise LaunchError(f"the task's pickled payload ({spec.payload}) is missing")
         return payload

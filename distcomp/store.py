@@ -244,7 +244,11 @@ class Store:
         for name, args in calls:
             pipe.execute_command(  # type: ignore[no-untyped-call]
                 "EVALSHA", self._scripts[name].sha, 1, self.prefix, *args)
-        replies = pipe.execute(raise_on_error=False)[len(before):]
+        replies = pipe.execute(raise_on_error=False)
+        for reply in replies[:len(before)]:
+            if isinstance(reply, Exception):  # e.g. out of memory: the scripts failed too
+                raise reply
+        replies = replies[len(before):]
         for i, reply in enumerate(replies):
             if isinstance(reply, redis.exceptions.NoScriptError):
                 name, args = calls[i]
@@ -339,24 +343,22 @@ class Store:
         max_count: int,
         lease_ms: int,
         free_resources: dict[str, int] | None = None,
-    ) -> tuple[list[bool], list[Claim] | Exception]:
+    ) -> tuple[list[bool | Exception], list[Claim] | Exception]:
         """Several ``complete`` transitions and then a ``claim``, in one round trip
         (a pipeline: each script stays atomic on its own). A worker whose task just
         ended both reports it and asks for the next one, so this halves the round
         trips per task. Returns whether each completion applied (False: stale), and
         the claims, or the claim's error (e.g. :class:`NotOwnerError`) — the
-        completions count either way."""
+        completions count either way (a completion's script error comes back in
+        its place: the claim still stands and its tasks must be started)."""
         calls: list[tuple[str, Sequence[Any]]] = [
             ("complete", [task_id, token, *_flatten(result)])
             for task_id, token, result in completes]
         calls.append(("claim", _claim_args(worker, instance, free_mem, free_cpus, free_gpus,
                                            max_count, lease_ms, free_resources)))
         replies = self._pipelined(calls)
-        done: list[bool] = []
-        for reply in replies[:-1]:
-            if isinstance(reply, Exception):
-                raise reply
-            done.append(bool(reply))
+        done: list[bool | Exception] = [
+            reply if isinstance(reply, Exception) else bool(reply) for reply in replies[:-1]]
         last = replies[-1]
         if isinstance(last, redis.ResponseError):
             return done, _script_error(last)

@@ -324,6 +324,7 @@ class Worker:
     def run(self) -> Stats:
         held = self.register()
         self.tag = self._identity()
+        self.pool.config.tag = self.tag
         self.task_cgroups = TaskCgroups.detect(hashlib.sha1(self.tag.encode()).hexdigest()[:12])
         self.heartbeat = HeartbeatFile(self.config.state_dir / "workers" /
                                        self.tag.replace(":", "/"))
@@ -408,10 +409,13 @@ class Worker:
                 self.stopping = True
                 continue
             else:
-                # Completions ride along with the claim (one round trip for both).
-                if self._claim_and_start():
-                    continue  # the claim was full: there may be more for us
+                # Completions ride along with the claim (one round trip for both);
+                # whatever could not (failures, requeues) goes right after, so no
+                # report waits behind a run of full claims.
+                full = self._claim_and_start()
                 self._flush_outbox()
+                if full:
+                    continue  # the claim was full: there may be more for us
                 if not self.running and self._should_exit():
                     return
             self._wait()
@@ -557,17 +561,23 @@ class Worker:
         if settings is None or settings.mode == "off" or now < self._next_trim:
             return
         self._next_trim = now + self.config.history_interval
+        # Passes of a bounded batch, repeated while they come back full, for at most
+        # a second: a busy queue finishes far more than one batch a minute.
+        budget, removed, batch = now + 1.0, 0, 1000
         try:
-            report = history.trim(self.store, settings, limit=1000)
+            while True:
+                report = history.trim(self.store, settings, limit=batch)
+                removed += report.total
+                full = max(report.removed.values(), default=0) >= batch
+                if report.busy or not full or time.monotonic() >= budget:
+                    break
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             self._went_offline(exc)
         except OSError as exc:  # the archive cannot be written: nothing was removed
             log.warning("cannot write the history archive %s (%s); finished tasks stay "
                         "in Redis", settings.archive, exc)
-        else:
-            if report.total:
-                log.info("history: %d finished tasks left Redis (%s)", report.total,
-                         settings.mode)
+        if removed:
+            log.info("history: %d finished tasks left Redis (%s)", removed, settings.mode)
 
     def _claim_and_start(self) -> bool:
         """Claim what fits and start it; True if the claim got all it asked for (so
@@ -601,6 +611,9 @@ class Worker:
                     free_resources=self._free_resources())
                 for report, applied in zip(completes, done, strict=True):
                     self.outbox.popleft()
+                    if isinstance(applied, Exception):  # a script error: not applied
+                        log.error("completing task %s failed: %s", report.task_id, applied)
+                        applied = False
                     self._completed(report, applied)
                 if isinstance(got, Exception):
                     raise got
@@ -717,12 +730,12 @@ class Worker:
         for item in self.running.values():
             item.proc.kill_now("worker stopping")
         self._closed.set()
-        self.pool.close()
         self._poke()
         with contextlib.suppress(*_REDIS_ERRORS):
             self._collect_finished()
             self._flush_outbox()
             self.store.deregister_worker(self.name, self.instance)
+        self.pool.close()
         if not self.running:
             self.heartbeat.clear()  # the guardian exits; nothing is orphaned
             if self.task_cgroups is not None:

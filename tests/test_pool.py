@@ -13,7 +13,7 @@ from pathlib import Path
 
 import cloudpickle
 import pytest
-from conftest import RedisProcess, WorkerThread
+from conftest import RedisProcess, WorkerThread, wait_for
 
 from distcomp import Client
 from distcomp.executor import RemoteError
@@ -185,3 +185,72 @@ def test_a_200_mb_result_comes_back_through_a_file(client: Client, start_worker:
     w.join()
     raw = client.task_raw(fut.task_id)
     assert raw["result"] == "" and raw["result_path"].startswith(str(tmp_path / "results"))
+
+
+def leave_a_thread_behind() -> int:
+    import threading
+
+    threading.Thread(target=time.sleep, args=(60,)).start()  # not a daemon
+    return os.getpid()
+
+
+def fork_then_die() -> None:
+    if os.fork() == 0:  # the child keeps the reply pipe's copy... if it had one
+        time.sleep(30)
+        os._exit(0)
+    os._exit(3)
+
+
+def sleep_then(seconds: float) -> str:
+    time.sleep(seconds)
+    return "slept"
+
+
+def test_retired_interpreter_with_a_leftover_thread_is_killed(
+        client: Client, start_worker: StartWorker) -> None:
+    import psutil
+
+    fut = client.submit(leave_a_thread_behind)
+    w = start_worker(cpus=1, allow_pickle=True, pool_max_tasks=1, heartbeat=0.3, lease=2.0)
+    pid = fut.result(timeout=60)
+    # retired after its one call; its own exit waits on nothing (os._exit), and the
+    # pool's sweep would kill it after the grace in any case
+    wait_for(lambda: not psutil.pid_exists(pid)
+             or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, timeout=15)
+    w.stop()
+
+
+def test_crash_is_seen_even_if_a_forked_child_lives_on(client: Client,
+                                                       start_worker: StartWorker) -> None:
+    fut = client.submit(fork_then_die)
+    w = start_worker(cpus=1, max_tasks=1, allow_pickle=True)
+    started = time.monotonic()
+    exc = fut.exception(timeout=60)
+    assert time.monotonic() - started < 15  # not when the child's 30 s sleep ends
+    assert isinstance(exc, RemoteError) and "exit code 3" in str(exc)
+    w.join()
+
+
+def test_stopping_worker_requeues_pooled_calls_and_deregisters(
+        client: Client, start_worker: StartWorker) -> None:
+    fut = client.submit(sleep_then, 30)
+    w = start_worker(cpus=1, allow_pickle=True, kill_grace=0.5)
+    wait_for(lambda: client.task_raw(fut.task_id).get("state") == "running")
+    w.stop()
+    assert client.task_raw(fut.task_id)["state"] == "queued"  # given back, not lost
+    assert not w.worker.pool.members
+    rows = [r for r in client.workers() if r.get("name") == w.worker.name]
+    assert rows and rows[0].get("status") != "alive", rows
+
+
+def test_guardian_finds_the_pool_interpreters(client: Client,
+                                              start_worker: StartWorker) -> None:
+    from distcomp.runner import find_interpreters
+
+    fut = client.submit(whoami, "x")
+    w = start_worker(cpus=1, allow_pickle=True)
+    pid = fut.result(timeout=60)[0]
+    assert pid in [p for p, _ in find_interpreters(w.worker.tag)]
+    assert find_interpreters("someone-else") == [] or pid not in [
+        p for p, _ in find_interpreters("someone-else")]
+    w.stop()

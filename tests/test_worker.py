@@ -75,6 +75,21 @@ def test_tasks_get_default_signal_handling_and_no_worker_fds(
         assert sorted(int(fd) for fd in task["out_tail"].split()) == [0, 1, 2]
 
 
+def test_failure_reports_never_hold_back_completions(store: Store,
+                                                    start_worker: StartWorker) -> None:
+    """Completions ride with the next claim; a failure report at the head of the
+    outbox must still go at once, or the completions queued behind it wait while
+    claims keep coming back full, their leases expire and the tasks run twice."""
+    specs = [TaskSpec(cmd=f"exit {1 if i % 10 == 0 else 0}  # {i}", retries=0)
+             for i in range(3000)]
+    store.submit(specs)
+    w = start_worker(cpus=8, max_running=4, heartbeat=0.3, lease=0.8, max_tasks=3000)
+    stats = w.join(timeout=120)
+    assert stats.stale == 0 and stats.requeued == 0
+    assert (stats.succeeded, stats.failed) == (2700, 300)
+    assert store.counts().get("succeeded") == 2700 and store.counts().get("failed") == 300
+
+
 def test_failures_record_exit_code_and_signal(store: Store, start_worker: StartWorker,
                                               tmp_path: Path) -> None:
     store.submit([TaskSpec(cmd="exit 7"), TaskSpec(cmd="kill -9 $$"),
