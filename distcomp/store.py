@@ -22,7 +22,10 @@ so every key of one queue lives in one slot and queues spread over a cluster):
 ``P delayed``                  zset of queued retries by the time their delay ends
 ``P counts``                   hash: queue-wide per-state counters, trimmed_<state>,
                                stale_reports
-``P dedup``                    hash: spec dedup key -> task id
+``P dedup``                    hash: spec dedup key -> task id (files and commands; API
+                               calls are unique and not recorded)
+``P payload:<id>``             string: a python task's pickled call over 8 KiB (smaller
+                               ones travel in the spec as ``inline:<base64>``)
 ``P workers``                  zset of worker names by last heartbeat
 ``P worker:<name>``            hash: instance, host, pid, capacity, heartbeat, info
 ``P worker:<name>:tasks``      set of task ids the worker holds leases on
