@@ -347,7 +347,7 @@ class Store:
         lease_ms: int,
         free_resources: dict[str, int] | None = None,
     ) -> tuple[list[bool | Exception], list[Claim] | Exception]:
-        """Several ``complete`` transitions and then a ``claim``, in one round trip
+        """Any ``complete`` transitions (none is fine) and then a ``claim``, in one round trip
         (a pipeline: each script stays atomic on its own). A worker whose task just
         ended both reports it and asks for the next one, so this halves the round
         trips per task. Returns whether each completion applied (False: stale), and

@@ -603,26 +603,20 @@ class Worker:
                 break
             completes.append(report)
         try:
-            if completes:
-                done, got = self.store.complete_then_claim(
-                    [(r.task_id, r.token, r.result) for r in completes],
-                    self.name, self.instance, free_mem=free_mem, free_cpus=free_cpus,
-                    free_gpus=len(free_gpus), max_count=wanted, lease_ms=self._lease_ms,
-                    free_resources=self._free_resources())
-                for report, applied in zip(completes, done, strict=True):
-                    self.outbox.popleft()
-                    if isinstance(applied, Exception):  # a script error: not applied
-                        log.error("completing task %s failed: %s", report.task_id, applied)
-                        applied = False
-                    self._completed(report, applied)
-                if isinstance(got, Exception):
-                    raise got
-                claims = got
-            else:
-                claims = self.store.claim(
-                    self.name, self.instance, free_mem=free_mem, free_cpus=free_cpus,
-                    free_gpus=len(free_gpus), max_count=wanted, lease_ms=self._lease_ms,
-                    free_resources=self._free_resources())
+            done, got = self.store.complete_then_claim(
+                [(r.task_id, r.token, r.result) for r in completes],
+                self.name, self.instance, free_mem=free_mem, free_cpus=free_cpus,
+                free_gpus=len(free_gpus), max_count=wanted, lease_ms=self._lease_ms,
+                free_resources=self._free_resources())
+            for report, applied in zip(completes, done, strict=True):
+                self.outbox.popleft()
+                if isinstance(applied, Exception):  # a script error: not applied
+                    log.error("completing task %s failed: %s", report.task_id, applied)
+                    applied = False
+                self._completed(report, applied)
+            if isinstance(got, Exception):
+                raise got
+            claims = got
         except NotOwnerError:
             log.error("worker name %s was taken over by another process; stopping", self.name)
             self.request_stop()
