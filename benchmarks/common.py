@@ -235,6 +235,20 @@ def rotated(items: Sequence[T], repetition: int) -> list[T]:
 # --------------------------------------------------------------------------- timing
 
 
+@dataclass(kw_only=True)
+class Standing:
+    """Whether a contender took part: ``skipped`` (why: not installed...) or failed
+    (``error``, with ``error_detail`` to show); the scenarios' contenders extend it."""
+
+    skipped: str | None = None
+    error: str | None = None
+    error_detail: str = ""
+
+    @property
+    def active(self) -> bool:
+        return self.skipped is None and self.error is None
+
+
 @dataclass
 class Stopwatch:
     """``with Stopwatch() as sw: ...`` then ``sw.seconds``."""

@@ -57,6 +57,7 @@ from distcomp.store import Store
 
 from .common import (
     PARALLEL_SKIPPED,
+    Standing,
     Stopwatch,
     console,
     fmt_ratio,
@@ -527,17 +528,10 @@ def run_parallel(path: str, commands: Path, n: int, attempts_log: Path, box: Mem
 
 
 @dataclass
-class Contender:
+class Contender(Standing):
     key: str
     label: str
     runs: list[RunResult] = field(default_factory=list)
-    skipped: str | None = None
-    error: str | None = None
-    error_detail: str = ""
-
-    @property
-    def active(self) -> bool:
-        return self.skipped is None and self.error is None
 
 
 #: (key, label, extra `distcomp run` options). The victim policy only matters when the

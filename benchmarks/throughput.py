@@ -41,6 +41,7 @@ from distcomp.store import Store
 
 from .common import (
     PARALLEL_SKIPPED,
+    Standing,
     Stopwatch,
     Summary,
     console,
@@ -78,20 +79,13 @@ def _last_line(text: str) -> str:
 
 
 @dataclass
-class Contender:
+class Contender(Standing):
     key: str
     label: str
     tasks: int
     seconds: list[float] = field(default_factory=list)
     #: Scheduling-only seconds (distcomp: submit -> last completion from task records).
     inner_seconds: list[float] = field(default_factory=list)
-    skipped: str | None = None
-    error: str | None = None
-    error_detail: str = ""
-
-    @property
-    def active(self) -> bool:
-        return self.skipped is None and self.error is None
 
 
 # --------------------------------------------------------------------------- distcomp
