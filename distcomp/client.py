@@ -20,7 +20,8 @@ from .store import STATES, JobInfo, Store, SubmitResult
 from .taskfile import parse_task_file
 
 if TYPE_CHECKING:
-    from .executor import JobHandle, LocalWorker, PythonTasks, TaskFuture
+    from .executor import JobHandle, PythonTasks, TaskFuture
+    from .local import LocalWorker
 
 
 class NotFoundError(LookupError):
@@ -253,8 +254,8 @@ class Client:
         return JobHandle(self, job_id)
 
     def local_worker(self, cpus: int | None = None, **config: Any) -> LocalWorker:
-        """Start a worker on this queue in a thread of this process (tasks still run in
-        their own processes); ``.stop()`` it when done. ``config``: WorkerConfig fields."""
-        from .executor import LocalWorker
+        """Start a worker on this queue in a child process (``distcomp.local``) that
+        stops with this one; ``.stop()`` it when done. ``config``: WorkerConfig fields."""
+        from .local import LocalWorker
 
         return LocalWorker(self, cpus or os.cpu_count() or 1, **config)

@@ -28,7 +28,6 @@ import logging
 import os
 import reprlib
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -39,14 +38,13 @@ from typing import TYPE_CHECKING, Any
 import cloudpickle
 import redis
 
-from .pytask import INLINE_PREFIX, run_chunk
+from .pytask import INLINE_PREFIX, pack_call, run_chunk
 from .spec import TaskSpec, parse_duration, parse_size
 from .store import NoJobError, Store, SubmitResult
 
 if TYPE_CHECKING:
     from .client import Client
     from .store import JobInfo
-    from .worker import Stats, Worker
 
 log = logging.getLogger("distcomp.executor")
 
@@ -244,8 +242,9 @@ class PythonTasks:
         self._ensure_listener()
         blobs: dict[str, bytes] = {}
         specs: list[TaskSpec] = []
+        function_pickle = cloudpickle.dumps(fn)  # once, however many calls
         for args, kwargs in calls:
-            blob = cloudpickle.dumps((fn, tuple(args), kwargs))
+            blob = pack_call(function_pickle, args, kwargs)
             if len(blob) <= INLINE_PAYLOAD_BYTES:
                 key = INLINE_PREFIX + base64.b64encode(blob).decode()
             else:
@@ -464,46 +463,6 @@ def gather(futures: Iterable[cf.Future[Any]], timeout: float | None = None) -> l
     end = None if timeout is None else time.monotonic() + timeout
     return [f.result(None if end is None else max(0.0, end - time.monotonic()))
             for f in futures]
-
-
-class LocalWorker:
-    """A worker in a thread of this process, for ``Client.local_worker`` and
-    ``Executor(workers=N)``: tasks still run in their own processes (warm
-    interpreters, see ``distcomp.pool``); only the agent loop shares this
-    process. Its python tasks see this process's ``sys.path``, so functions
-    defined in importable modules here import there too; pickled callables are
-    allowed (it is your own queue)."""
-
-    def __init__(self, client: Client, cpus: int, **config: Any) -> None:
-        from .worker import Worker, WorkerConfig
-
-        state = client.state_dir
-        paths = [p for p in sys.path if p and os.path.isdir(p)]
-        config.setdefault("allow_pickle", True)
-        config.setdefault("pythonpath", paths)
-        config.setdefault("log_dir", state / "logs")
-        config.setdefault("state_dir", state)
-        config.setdefault("heartbeat", 1.0)
-        config.setdefault("lease", 10.0)
-        config.setdefault("probation", 0.0)
-        self.worker: Worker = Worker(client.store, WorkerConfig(cpus=cpus, **config))
-        self.stats: Stats | None = None
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="distcomp-local-worker",
-                                        daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.stats = self.worker.run()
-        except BaseException as exc:  # kept for stop() to report
-            self.error = exc
-            log.error("local worker stopped: %s", exc)
-
-    def stop(self, timeout: float = 30) -> None:
-        """Stop claiming; running tasks are requeued (stopped with SIGTERM)."""
-        self.worker.request_stop()
-        self._thread.join(timeout)
 
 
 class Executor(cf.Executor):

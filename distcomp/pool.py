@@ -43,6 +43,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from . import runner
 from .pytask import FRAME_HEADER, frame, frame_size
@@ -68,6 +69,9 @@ class PoolConfig:
     tag: str = ""
     #: A retired interpreter still running after this long is killed.
     retire_grace: float = 5.0
+    #: Outcomes up to this many bytes come back in the reply; larger ones go through
+    #: the result file (the worker's ``result_max_bytes``: what fits in the record).
+    inline_result_max: int = 1024 * 1024
 
 
 def eligible(spec: TaskSpec, *, gpus: int, pinned: bool, cgroup: bool) -> bool:
@@ -103,7 +107,7 @@ class PoolProcess:
             written = os.write(self.requests, view)
             view = view[written:]
 
-    def read_reply(self) -> tuple[dict[str, int] | None, bool]:
+    def read_reply(self) -> tuple[dict[str, Any] | None, bool]:
         """(reply, alive): a complete reply if one arrived; alive False at end of
         stream (the interpreter died, or we closed the pipe)."""
         if self.replies < 0:
@@ -117,11 +121,11 @@ class PoolProcess:
         self.buffer += chunk
         return self._take(), True
 
-    def _take(self) -> dict[str, int] | None:
+    def _take(self) -> dict[str, Any] | None:
         size = frame_size(self.buffer)
         if size is None:
             return None
-        message: dict[str, int] = pickle.loads(self.buffer[FRAME_HEADER:size])
+        message: dict[str, Any] = pickle.loads(self.buffer[FRAME_HEADER:size])
         del self.buffer[:size]
         return message
 
@@ -152,7 +156,19 @@ class PooledTask(runner.TaskProcess):
     watch_fd: int = -1
     #: The call went through the call file (too large for the pipe): delete it after.
     wrote_call_file: bool = False
+    #: The pickled outcome, when it came back in the reply (else: the result file).
+    result: bytes | None = field(default=None, repr=False)
+    #: The logs' sizes when the call returned (None: unknown, e.g. it crashed).
+    log_sizes: tuple[int, int] | None = None
     _outcome: runner.Outcome | None = field(default=None, repr=False)
+
+    def tails(self, limit: int = runner.DEFAULT_TAIL_BYTES) -> tuple[str, str]:
+        """As for any task, but without opening a log the call left empty."""
+        if self.log_sizes is None:
+            return super().tails(limit)
+        out_size, err_size = self.log_sizes
+        return (runner.read_tail(self.out_path, limit) if out_size else "",
+                runner.read_tail(self.err_path, limit) if err_size else "")
 
     def poll(self) -> runner.Outcome | None:
         if self._outcome is not None:
@@ -164,6 +180,8 @@ class PooledTask(runner.TaskProcess):
             # The interpreter's high-water mark if this call raised it, else at
             # least what it holds now (baseline included, as for any process).
             self.peak_rss = max(self.peak_rss, int(reply["peak"]), int(reply["rss"]))
+            self.result = reply.get("result")
+            self.log_sizes = int(reply.get("out_size", 1)), int(reply.get("err_size", 1))
             self._outcome = runner.Outcome(int(reply["code"]), None, wall, self.peak_rss,
                                            self.kill_reason)
             self.pool.release(self.member, rss=int(reply["rss"]))
@@ -240,8 +258,6 @@ class Pool:
         call_path, result_path = runner.python_paths(status_path)
         inline: bytes | None = data
         try:
-            with contextlib.suppress(FileNotFoundError):
-                result_path.unlink()
             if len(data) > INLINE_CALL_BYTES:
                 inline = None
                 call_path.write_bytes(data)
@@ -251,7 +267,7 @@ class Pool:
         try:
             member.send({"call": inline, "call_path": str(call_path), "result": str(result_path),
                          "out": str(out_path), "err": str(err_path), "env": env,
-                         "cwd": cwd})
+                         "cwd": cwd, "inline_max": self.config.inline_result_max})
         except OSError as exc:  # it died between calls
             self.discard(member, kill=True)
             raise runner.LaunchError(f"the python interpreter went away: {exc}") from exc

@@ -246,7 +246,8 @@ class Worker:
         self._next_trim = 0.0
         self.pool = Pool(PoolConfig(python=config.python, pythonpath=list(config.pythonpath),
                                     max_tasks=config.pool_max_tasks,
-                                    max_rss=config.pool_max_rss))
+                                    max_rss=config.pool_max_rss,
+                                    inline_result_max=config.result_max_bytes))
 
     # -- lifecycle -------------------------------------------------------
     def request_stop(self, *, drain: bool | None = None) -> None:
@@ -810,6 +811,11 @@ class Worker:
         result["result"] = ""
         result["result_path"] = ""
         result["result_size"] = ""
+        if isinstance(item.proc, PooledTask) and item.proc.result is not None:
+            data = item.proc.result  # came back in the reply: no file
+            result["result_size"] = len(data)
+            result["result"] = base64.b64encode(data).decode()
+            return _python_error_reason(data), cleanup[:-1]
         try:
             size = result_path.stat().st_size
         except OSError:

@@ -15,6 +15,7 @@ from conftest import RedisProcess, WorkerThread
 
 from distcomp import Client
 from distcomp.executor import RemoteError, ResultUnavailableError, decode_outcome
+from distcomp.pytask import SPLIT_MAGIC, load_call, pack_call
 from distcomp.spec import FieldError, SpecError, TaskSpec
 from distcomp.store import Store
 from distcomp.taskfile import parse_jsonl, parse_lines, parse_python_call, parse_toml
@@ -205,7 +206,22 @@ def test_large_payload_is_stored_under_the_queue_prefix(client: Client, store: S
     spec = json.loads(client.task_raw(fut.task_id)["spec"])
     assert spec["kind"] == "python" and spec["payload"].startswith(store.prefix + "payload:")
     (blob,) = store.get_payloads([spec["payload"]])
-    assert blob is not None and cloudpickle.loads(blob)[1] == (data,)
+    assert blob is not None and blob.startswith(SPLIT_MAGIC)
+    fn, args, kwargs = load_call(blob)
+    assert fn is len and args == (data,) and kwargs == {}
+
+
+def test_split_calls_reuse_the_unpickled_function() -> None:
+    """A warm interpreter unpickles each distinct function once, not once per call."""
+    function_pickle = cloudpickle.dumps(big_bytes)
+    first, _, _ = load_call(pack_call(function_pickle, (1,), {}))
+    again, args, kwargs = load_call(pack_call(function_pickle, (2,), {"x": 1}))
+    assert again is first and args == (2,) and kwargs == {"x": 1}
+    other, _, _ = load_call(pack_call(cloudpickle.dumps(len), (), {}))
+    assert other is len
+    # The older whole-call pickle still loads (payloads queued before an upgrade).
+    fn, args, _ = load_call(cloudpickle.dumps((big_bytes, (5,), {})))
+    assert fn(*args) == b"xxxxx"
 
 
 def test_small_payload_travels_inside_the_spec(client: Client, store: Store,
