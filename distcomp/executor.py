@@ -9,13 +9,17 @@ or a fresh one (``distcomp.pytask``) and puts the pickled outcome into the task
 record (or a file, past the size cap).
 
 How a future resolves: each :class:`Client` has at most one listener thread,
-blocked in ``XREAD`` on the queue's event stream. A ``claim`` event marks the
-future running; ``succeeded``/``failed``/``cancelled`` make the listener read
-the outcome fields of those tasks (one pipelined read per batch of events) and
-set the futures. No future polls. The stream is capped (about 10,000 entries),
-so a client that fell far behind could miss an event: whenever the stream has
-been quiet for a few seconds the listener checks the states of the futures
-still pending, in one pipelined read, as a safety net.
+blocked in ``XREAD`` on its own notification stream (``P notify:<client>``),
+where the Lua transitions tell the final outcome (``succeeded``/``failed``/
+``cancelled``) of each task it submitted. The listener sets those futures; a
+small result comes inside the notice, others are read for a whole batch of
+notices in one pipelined read. No future polls, and a client wakes for its own
+tasks' outcomes only, not for every event of the queue. Futures for tasks
+someone else submitted (``client.job_handle(...).futures()``) are served from
+the queue's event stream, read beside the client's own while there are any.
+Both streams are capped (about 10,000 entries), so a client that fell far
+behind could miss an entry: every few seconds the listener checks the states
+of the futures still pending, in one pipelined read, as a safety net.
 """
 
 from __future__ import annotations
@@ -105,10 +109,21 @@ class TaskFuture(cf.Future[Any]):
     def job_id(self) -> str:
         return self.task_id.split(".", 1)[0]
 
+    def running(self) -> bool:
+        """Asks the queue while the call is not known to have started (no notice is
+        sent when a task starts: it would wake the client once more per call)."""
+        if super().running():
+            return True
+        if self.done() or not self._api.is_running(self.task_id):
+            return False
+        with contextlib.suppress(RuntimeError):  # finished or cancelled meanwhile
+            self.set_running_or_notify_cancel()
+        return super().running()
+
     def cancel(self) -> bool:
         if self.done():
             return self.cancelled()
-        if self.running():
+        if super().running():
             return False
         if not self._api.cancel_queued([self.task_id]):
             return self.cancelled()
@@ -217,7 +232,14 @@ class PythonTasks:
         self._events = Store(store.url, store.queue)
         self._lock = threading.Lock()
         self._pending: dict[str, TaskFuture] = {}
-        self._after: str | None = None
+        #: This client's notification stream, where our tasks' outcomes are told.
+        self.client_id = uuid.uuid4().hex[:16]
+        self._notify_key = self.store.notify_key(self.client_id)
+        #: Last entry read of each stream the listener reads: ours from its start;
+        #: the queue's events once a future for someone else's task exists.
+        self._after: dict[str, str] = {self._notify_key: "0-0"}
+        #: Pending futures of tasks submitted by others (no notices for those).
+        self._foreign: set[str] = set()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         #: The job single calls (``submit``) of this client go into, made on the first.
@@ -256,7 +278,8 @@ class PythonTasks:
             result = self._submit_to_session(specs, blobs)
         else:
             name = job_name or f"python: {getattr(fn, '__qualname__', 'call')}"
-            result = self.store.submit(specs, job_name=name, dedup=False, payloads=blobs)
+            result = self.store.submit(specs, job_name=name, dedup=False, payloads=blobs,
+                                       notify=self.client_id)
         futures = [TaskFuture(self, tid) for tid in result.task_ids]
         carried: dict[str, dict[str, str | None]] = {}
         unread: list[str] = []
@@ -281,11 +304,13 @@ class PythonTasks:
             if self._session_job is not None:
                 try:
                     return self.store.submit(specs, dedup=False, payloads=blobs,
-                                             job_id=self._session_job)
+                                             job_id=self._session_job,
+                                             notify=self.client_id)
                 except NoJobError:  # archived or deleted meanwhile: start another
                     pass
             name = f"python: calls from {socket.gethostname()} (pid {os.getpid()})"
-            result = self.store.submit(specs, job_name=name, dedup=False, payloads=blobs)
+            result = self.store.submit(specs, job_name=name, dedup=False, payloads=blobs,
+                                       notify=self.client_id)
             self._session_job = result.job_id
             return result
 
@@ -316,21 +341,30 @@ class PythonTasks:
         self._ensure_listener()
         futures = []
         with self._lock:
+            events = self.store.events_key()
+            if events not in self._after:
+                # Taken before the reconcile below, so no outcome can slip between.
+                self._after[events] = self._events.last_event_id()
             for tid in task_ids:
-                fut = self._pending.get(tid) or TaskFuture(self, tid)
-                self._pending[tid] = fut
+                fut = self._pending.get(tid)
+                if fut is None:
+                    fut = self._pending[tid] = TaskFuture(self, tid)
+                    self._foreign.add(tid)
                 futures.append(fut)
         self._reconcile(list(task_ids))
         return futures
+
+    def is_running(self, task_id: str) -> bool:
+        try:
+            return self.store.task_fields([task_id], ["state"])[0][0] == "running"
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            return False
 
     # -- the listener ----------------------------------------------------
     def _ensure_listener(self) -> None:
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
                 return
-            if self._after is None:
-                # Taken before our first submission, so no completion can slip past.
-                self._after = self._events.last_event_id()
             self._stop.clear()
             self._thread = threading.Thread(target=self._listen, name="distcomp-futures",
                                             daemon=True)
@@ -339,9 +373,14 @@ class PythonTasks:
     def _listen(self) -> None:
         last_check = time.monotonic()
         backoff = 0.1
+        events_key = self.store.events_key()
         while not self._stop.is_set():
+            with self._lock:
+                if not self._foreign:
+                    self._after.pop(events_key, None)  # nobody else's tasks to hear of
+                after = dict(self._after)
             try:
-                events = self._events.read_events(self._after or "0-0", block_ms=500)
+                replies = self._events.read_streams(after, block_ms=500)
                 backoff = 0.1
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 log.warning("future listener lost Redis (%s); retrying", exc)
@@ -350,44 +389,61 @@ class PythonTasks:
                 continue
             now = time.monotonic()
             if now - last_check > _RECONCILE_AFTER:
-                # Safety net, busy stream or not: an entry trimmed from the capped
+                # Safety net, busy stream or not: an entry trimmed from a capped
                 # stream before we read it must not leave a future waiting forever.
                 last_check = now
                 with self._lock:
                     ids = list(self._pending)
                 if ids:
                     self._reconcile(ids)
-            if not events:
-                continue
-            self._after = events[-1][0]
-            finished: list[str] = []
-            carried: dict[str, dict[str, str | None]] = {}
-            with self._lock:
-                for _, fields in events:
-                    tid = fields.get("task", "")
-                    fut = self._pending.get(tid)
-                    kind = fields.get("type")
-                    if fut is None:
-                        if kind in _FINAL_EVENTS:
-                            self._early[tid] = ({"state": "succeeded", "result": fields["result"]}
-                                                if kind == "succeeded" and fields.get("result")
-                                                else None)
-                            while len(self._early) > _EARLY_KEPT:
-                                self._early.popitem(last=False)
-                        continue
-                    if kind == "claim":
-                        with contextlib.suppress(RuntimeError):
-                            if not fut.running() and not fut.done():
-                                fut.set_running_or_notify_cancel()
-                    elif kind == "succeeded" and fields.get("result"):
-                        # a small result came with the event: nothing to read
-                        carried[tid] = {"state": "succeeded", "result": fields["result"]}
-                    elif kind in _FINAL_EVENTS:
-                        finished.append(tid)
-            for tid, outcome in carried.items():
-                self._settle(tid, outcome)
-            if finished:
-                self._resolve(finished)
+            for key, entries in replies:
+                if entries:
+                    with self._lock:
+                        if key in self._after:
+                            self._after[key] = entries[-1][0]
+                    self._take_notices(entries, own=key != events_key)
+
+    def _take_notices(self, entries: list[tuple[str, dict[str, str]]], *, own: bool) -> None:
+        """Settle the futures these entries finish. ``own``: from our notification
+        stream (every entry is one of our tasks' outcomes, perhaps of a future not
+        made yet); else from the queue's events, where only foreign futures count."""
+        finished: list[str] = []
+        carried: dict[str, dict[str, str | None]] = {}
+        with self._lock:
+            for _, fields in entries:
+                tid = fields.get("task", "")
+                kind = fields.get("type")
+                fut = self._pending.get(tid)
+                if not own and tid not in self._foreign:
+                    continue  # ours come on our own stream
+                if fut is None:
+                    if own and kind in _FINAL_EVENTS:
+                        self._early[tid] = ({"state": "succeeded", "result": fields["result"]}
+                                            if kind == "succeeded" and fields.get("result")
+                                            else None)
+                        while len(self._early) > _EARLY_KEPT:
+                            self._early.popitem(last=False)
+                    continue
+                if kind == "claim":
+                    with contextlib.suppress(RuntimeError):
+                        if not cf.Future.running(fut) and not fut.done():
+                            fut.set_running_or_notify_cancel()
+                elif kind == "cancelled" and fields.get("was") == "running":
+                    # It had started (we are told no starts): as in the stdlib, a
+                    # running call is not cancelled() but raises CancelledError.
+                    with contextlib.suppress(RuntimeError):
+                        if not cf.Future.running(fut) and not fut.done():
+                            fut.set_running_or_notify_cancel()
+                    finished.append(tid)
+                elif kind == "succeeded" and fields.get("result"):
+                    # a small result came with the notice: nothing to read
+                    carried[tid] = {"state": "succeeded", "result": fields["result"]}
+                elif kind in _FINAL_EVENTS:
+                    finished.append(tid)
+        for tid, outcome in carried.items():
+            self._settle(tid, outcome)
+        if finished:
+            self._resolve(finished)
 
     def _reconcile(self, task_ids: list[str]) -> None:
         """Resolve any of these tasks that already finished (safety net, and for
@@ -413,6 +469,7 @@ class PythonTasks:
         """Set the future of a finished task from its outcome fields."""
         with self._lock:
             fut = self._pending.pop(tid, None)
+            self._foreign.discard(tid)
         if fut is None or fut.done():
             return
         ok, value = decode_outcome(tid, fields)
@@ -428,6 +485,8 @@ class PythonTasks:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
+        with contextlib.suppress(redis.RedisError, OSError):
+            self.store.delete_notify(self.client_id)
         self.store.close()
         self._events.close()
 

@@ -30,6 +30,8 @@ so every key of one queue lives in one slot and queues spread over a cluster):
 ``P worker:<name>``            hash: instance, host, pid, capacity, heartbeat, info
 ``P worker:<name>:tasks``      set of task ids the worker holds leases on
 ``P events``                   capped stream of transitions
+``P notify:<client>``          capped stream of the final outcomes of the tasks a client
+                               submitted with ``notify`` (its futures' listener reads it)
 ``P wake`` / ``P control``     pub/sub channels: new work / cancel requests
 ``P lock:reap``                short lock so concurrent reapers do not repeat work
 ``P lock:history``             one history trimmer at a time (archive file appends)
@@ -299,6 +301,7 @@ class Store:
         dedup: bool = True,
         job_id: str | None = None,
         payloads: dict[str, bytes] | None = None,
+        notify: str = "",
     ) -> SubmitResult:
         """All-or-nothing: one script call creates the job and every new task.
 
@@ -307,14 +310,15 @@ class Store:
         (:class:`NoJobError` if it is gone) instead of making a new one.
         ``payloads`` (python tasks' pickles, by key) are written in the same round
         trip, just before the script, so no worker can claim a task before its
-        payload is there; if the submit fails they are deleted again.
+        payload is there; if the submit fails they are deleted again. ``notify``:
+        a client id whose stream (``notify_key``) hears each task's final outcome.
 
         Built for bulk (a 100,000-line file is one call): shapes are computed once
         per distinct requirement and every argument goes out as a string, which
         spares redis-py a per-argument conversion.
         """
         mode = "2" if not dedup else "1" if allow_duplicates else "0"
-        args: list[Any] = [job_name, source, mode, "", job_id or ""]
+        args: list[Any] = [job_name, source, mode, "", job_id or "", notify]
         shapes: dict[tuple[int, int, int, tuple[tuple[str, int], ...]], str] = {}
         append = args.extend
         for spec in specs:
@@ -644,6 +648,20 @@ class Store:
         """Id of the newest event (``0-0`` if none): where a new listener starts."""
         entries = self.redis.xrevrange(self.key("events"), count=1)
         return str(entries[0][0]) if entries else "0-0"
+
+    def notify_key(self, client: str) -> str:
+        return self.key("notify", client)
+
+    def delete_notify(self, client: str) -> None:
+        self.redis.delete(self.notify_key(client))
+
+    def read_streams(self, after: dict[str, str], *, block_ms: int, count: int = 1000
+                     ) -> list[tuple[str, list[tuple[str, dict[str, str]]]]]:
+        """Entries after each stream's id (``{key: id}``), waiting up to ``block_ms``
+        for the first; ``[(key, [(id, fields)...])...]`` for the streams that had any."""
+        reply = self.redis.xread(dict(after), count=count,  # type: ignore[arg-type]
+                                 block=block_ms)
+        return cast(list[tuple[str, list[tuple[str, dict[str, str]]]]], reply or [])
 
     def read_events(self, after: str, *, block_ms: int, count: int = 1000
                     ) -> list[tuple[str, dict[str, str]]]:

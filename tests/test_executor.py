@@ -2,7 +2,7 @@
 
 Modelled on CPython's Lib/test/test_concurrent_futures (map ordering, exceptions,
 timeouts, cancel, shutdown semantics, as_completed, wait). Every call runs as a
-real python task in a fresh interpreter under a real worker (in a thread here).
+real python task under a real worker (the Executor's local worker, a child process).
 """
 
 from __future__ import annotations
@@ -261,3 +261,63 @@ def test_ten_thousand_calls_on_the_embedded_default(tmp_path: Path) -> None:
             assert job.n_tasks == 10_000 and job.counts["succeeded"] == 10_000
     finally:
         stop_embedded(tmp_path / "state")
+
+
+def test_futures_of_someone_elses_tasks_resolve(client: Client, redis_server: RedisProcess,
+                                               queue_name: str, tmp_path: Path) -> None:
+    """Outcomes of a client's own tasks come on its own notification stream; another
+    client's futures for the same job (``job_handle(...).futures()``) hear them from
+    the queue's event stream."""
+    futures = client.map(sleep_then, [0.3, 0.3], ["a", "b"])
+    other = Client(redis_server.url, queue_name, state_dir=tmp_path / "other")
+    try:
+        theirs = other.job_handle(futures[0].job_id).futures()
+        assert not any(f.done() for f in theirs)
+        worker = client.local_worker(2)
+        try:
+            assert client.gather(futures, timeout=30) == ["a", "b"]
+            assert other.gather(theirs, timeout=30) == ["a", "b"]
+        finally:
+            worker.stop()
+        notices = client.store.redis.xrange(
+            client.store.notify_key(client._python().client_id))
+        assert {fields["task"] for _, fields in notices} == {f.task_id for f in futures}
+        assert not client.store.redis.exists(
+            other.store.notify_key(other._python().client_id))  # it submitted nothing
+    finally:
+        other.close()
+    client._python().close()
+    assert not client.store.redis.exists(client.store.notify_key(client._python().client_id))
+
+
+_ORPHAN = """
+import os, sys, time
+sys.path[:0] = {paths!r}
+from distcomp import Client
+client = Client({url!r}, {queue!r}, state_dir={state!r})
+worker = client.local_worker(1)
+fut = client.submit(time.sleep, 60)
+while client.task(fut.task_id).state != "running":
+    time.sleep(0.05)
+print(worker.pid, fut.task_id, flush=True)
+os._exit(0)  # no stop(), no cleanup: the client just dies
+"""
+
+
+def test_local_worker_stops_when_its_client_dies(redis_server: RedisProcess, queue_name: str,
+                                                tmp_path: Path, client: Client) -> None:
+    """The local worker is a child process; when its client dies without stopping it,
+    it stops too (its lifeline pipe ends) and requeues what it was running."""
+    import subprocess
+
+    import psutil
+
+    script = _ORPHAN.format(paths=sys.path, url=redis_server.url, queue=queue_name,
+                            state=str(tmp_path / "state"))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60, check=True).stdout.split()
+    pid, task_id = int(out[0]), out[1]
+    wait_for(lambda: not psutil.pid_exists(pid) or
+             psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, timeout=30)
+    task = client.task(task_id)
+    assert task.state == "queued" and "stopped" in (task.reason or "")

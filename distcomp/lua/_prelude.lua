@@ -36,8 +36,22 @@ local function move(job, from, to)
   end
 end
 
+-- Every transition is told on the queue's event stream (watch, dashboard). A
+-- task's final outcome is also told on the stream of the client that asked to
+-- be notified at submit (field `notify`): a client's futures then wake for its
+-- own tasks' outcomes alone, not for every event of the queue. That stream
+-- lives a day after its last entry, for a client that went away unannounced.
+local FINAL = {succeeded = true, failed = true, cancelled = true}
 local function event(kind, tid, ...)
   redis.call('XADD', P .. 'events', 'MAXLEN', '~', 10000, '*', 'type', kind, 'task', tid, ...)
+  if FINAL[kind] then
+    local who = redis.call('HGET', task_key(tid), 'notify')
+    if who then
+      local key = P .. 'notify:' .. who
+      redis.call('XADD', key, 'MAXLEN', '~', 10000, '*', 'type', kind, 'task', tid, ...)
+      redis.call('PEXPIRE', key, 86400000)
+    end
+  end
 end
 
 -- Put a task (state already chosen by the caller) back into its ready set.

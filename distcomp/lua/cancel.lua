@@ -8,6 +8,8 @@
 -- worker to kill it now), and the worker's later completion is rejected as stale.
 -- A cancelled task enters the `cancelled` index by finish time (for retry and
 -- history trimming).
+-- The event says what the task was (`was`: queued or running): a future treats
+-- a call cancelled while it ran as failed with CancelledError, not as cancelled.
 -- Returns: number of tasks cancelled.
 local reason = ARGV[1]
 local now = now_ms()
@@ -26,7 +28,7 @@ for i = 2, #ARGV do
     redis.call('HSET', tk, 'state', 'cancelled', 'reason', reason, 'finished_at', int(now))
     redis.call('ZADD', P .. 'cancelled', int(now), tid)
     move(f[2], f[1], 'cancelled')
-    event('cancelled', tid, 'reason', reason)
+    event('cancelled', tid, 'reason', reason, 'was', f[1])
     n = n + 1
   end
 end

@@ -1,7 +1,8 @@
 -- submit: (nothing) -> queued, for a whole batch at once.
 --
 -- ARGV: job_name, source, dedup mode, default_retries ("" = the queue's
--- ``config`` default), job_id, then 8 fields per
+-- ``config`` default), job_id, notify (a client id whose stream hears each
+-- task's final outcome, see `event`; "" for none), then 8 fields per
 -- task: dedup_key, priority, mem, cpus, gpus, shape, spec_json, retries ("" =
 -- queue default). Dedup mode: "0" a task whose key is known is not created again,
 -- "1" it is (allow duplicates; keys still recorded), "2" keys are neither looked
@@ -28,7 +29,8 @@ if default_retries == '' then
   default_retries = redis.call('HGET', P .. 'config', 'default_retries') or '0'
 end
 local now = int(now_ms())
-local H = 5  -- header fields before the tasks'
+local H = 6  -- header fields before the tasks'
+local notify = ARGV[6]
 local n = (#ARGV - H) / 8
 local CHUNK = 1000  -- keys per HMGET/HSET/ZADD call: well below Lua's unpack limit
 local ids = {}
@@ -85,6 +87,7 @@ for c = 0, n - 1, CHUNK do
         'prio', ARGV[b + 1], 'mem', ARGV[b + 2], 'declared_mem', ARGV[b + 2],
         'cpus', ARGV[b + 3], 'gpus', ARGV[b + 4], 'shape', shape, 'spec', ARGV[b + 6],
         'retries', retries, 'score', score, 'attempt', 0, 'fails', 0, 'submitted_at', now)
+      if notify ~= '' then redis.call('HSET', task_key(tid), 'notify', notify) end
       if not existing and not no_dedup then
         seen[key] = tid
         new_dedup[#new_dedup + 1] = key
