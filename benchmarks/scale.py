@@ -427,6 +427,7 @@ async def _sim_main(cfg: SimConfig) -> dict[str, Any]:
             out = await scripts["claim"](keys=keys, args=[
                 name, instance, 64 * GIB, room, 0, room, cfg.lease_ms, secrets.token_hex(4), ""])
             claim_lat.append((time.time(), time.perf_counter() - t0))
+            out = out[1:]  # the drained flag first, then five fields per task
             if not out:
                 empty_claims += 1
                 slot_free.clear()

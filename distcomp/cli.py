@@ -297,6 +297,10 @@ def _worker_options(func: F) -> F:
         click.option("--python-pool/--no-python-pool", default=True, show_default=True,
                      help="Run python tasks in warm interpreters (one per slot, reused "
                           "call after call) instead of a fresh interpreter per task."),
+        click.option("--prefetch/--no-prefetch", default=True, show_default=True,
+                     help="While tasks are short (under 0.1s on average), hold up to one "
+                          "claimed task per running one, to start it the moment a slot "
+                          "frees (held ones go back to the queue after 2s)."),
         click.option("--pool-max-tasks", type=click.IntRange(min=1), default=1000,
                      show_default=True,
                      help="Replace a warm interpreter after this many calls."),
@@ -318,7 +322,7 @@ def _worker_config(ctx: Ctx, name: str | None, cpus: int | None, memory: str | N
                    allow_pickle: bool | None = None, pythonpath: tuple[str, ...] = (),
                    result_max_bytes: str = "1M", result_dir: str | None = None,
                    python_pool: bool = True, pool_max_tasks: int = 1000,
-                   pool_max_rss: str = "512M") -> WorkerConfig:
+                   pool_max_rss: str = "512M", prefetch: bool = True) -> WorkerConfig:
     hb = parse_duration(heartbeat, "heartbeat")
     lease_s = parse_duration(lease, "lease")
     if lease_s < 2 * hb:
@@ -349,6 +353,7 @@ def _worker_config(ctx: Ctx, name: str | None, cpus: int | None, memory: str | N
         result_max_bytes=parse_size(result_max_bytes, "result-max-bytes"),
         result_dir=Path(result_dir).absolute() if result_dir else None,
         python_pool=python_pool,
+        prefetch=prefetch,
         pool_max_tasks=pool_max_tasks,
         pool_max_rss=parse_size(pool_max_rss, "pool-max-rss"),
         history=load_history(ctx.state_dir, ctx.queue),

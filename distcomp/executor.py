@@ -387,6 +387,11 @@ class PythonTasks:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
+            except Exception:  # a listener that dies leaves every future hanging
+                log.exception("future listener: unexpected error; retrying")
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
             now = time.monotonic()
             if now - last_check > _RECONCILE_AFTER:
                 # Safety net, busy stream or not: an entry trimmed from a capped

@@ -143,7 +143,8 @@ def main(argv: list[str]) -> int:
     threading.Thread(target=_watch_lifeline, args=(lifeline, worker), daemon=True,
                      name="distcomp-lifeline").start()
     stats = worker.run()
-    with stats_out:
+    # The client may be gone (that may be why we stopped): nobody to tell then.
+    with contextlib.suppress(OSError), stats_out:
         pickle.dump(stats, stats_out)
     return 0
 

@@ -179,7 +179,14 @@ def execute(data: bytes, result_path: str, inline_max: int = -1) -> tuple[int, b
     sink = _OutcomeSink(result_path, inline_max)
     try:
         try:
-            cloudpickle.dump(record, sink)
+            try:
+                # Plain pickle first: several times faster, and it refuses (rather
+                # than mis-pickles) what only cloudpickle can carry, such as
+                # classes the call's own by-value module defined.
+                pickle.dump(record, sink, protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception:
+                sink.reset()
+                cloudpickle.dump(record, sink)
         except Exception as exc:
             if code:
                 raise  # an error record always pickles: this is the file failing

@@ -252,6 +252,13 @@ class Store:
                 self._direct = self.redis.connection_pool.make_connection()
             conn = self._direct
             try:
+                # A connection the server closed (a restart, an idle timeout) reads as
+                # end of file: reconnect before sending rather than fail after.
+                if conn.can_read():
+                    conn.disconnect()  # unexpected data: start clean
+            except redis.ConnectionError:
+                conn.disconnect()
+            try:
                 conn.send_packed_command(conn.pack_commands(commands))
                 replies: list[Any] = []
                 for _ in commands:
@@ -333,15 +340,14 @@ class Store:
             append((dedup_key, str(spec.priority), str(spec.mem), str(spec.cpus),
                     str(spec.gpus), shape, wire,
                     "" if spec.retries is None else str(spec.retries)))
-        if not payloads:
-            out = self._run("submit", args)
-        else:
-            out = self._pipelined([("submit", args)],
-                                  before=[("SET", key, blob) for key, blob in payloads.items()])[0]
-            if isinstance(out, Exception):
+        # Never retried on a connection error: the script may have run.
+        out = self._pipelined([("submit", args)], before=[
+            ("SET", key, blob) for key, blob in (payloads or {}).items()])[0]
+        if isinstance(out, Exception):
+            if payloads:
                 with contextlib.suppress(redis.RedisError):
                     self.delete_payloads(list(payloads))
-                raise (_script_error(out) if isinstance(out, redis.ResponseError) else out)
+            raise (_script_error(out) if isinstance(out, redis.ResponseError) else out)
         return SubmitResult(job_id=out[0] or None, new=int(out[1]), task_ids=list(out[2:]))
 
     def claim(
@@ -355,9 +361,9 @@ class Store:
         max_count: int,
         lease_ms: int,
         free_resources: dict[str, int] | None = None,
-    ) -> list[Claim]:
+    ) -> Claims:
         if max_count <= 0:
-            return []
+            return Claims()
         out = self._run("claim", _claim_args(worker, instance, free_mem, free_cpus, free_gpus,
                                              max_count, lease_ms, free_resources))
         return _claims(out)
@@ -374,17 +380,25 @@ class Store:
         max_count: int,
         lease_ms: int,
         free_resources: dict[str, int] | None = None,
-    ) -> tuple[list[bool | Exception], list[Claim] | Exception]:
+        claim: bool = True,
+    ) -> tuple[list[bool | Exception], Claims | Exception]:
         """Any ``complete`` transitions (none is fine) and then a ``claim``, in one round trip
         (a pipeline: each script stays atomic on its own). A worker whose task just
         ended both reports it and asks for the next one, so this halves the round
         trips per task. Returns whether each completion applied (False: stale), and
         the claims, or the claim's error (e.g. :class:`NotOwnerError`) — the
         completions count either way (a completion's script error comes back in
-        its place: the claim still stands and its tasks must be started)."""
+        its place: the claim still stands and its tasks must be started).
+        ``claim=False``: the completions alone (the queue is known to be drained);
+        the claims are then an empty, drained list."""
         calls: list[tuple[str, Sequence[Any]]] = [
             ("complete", [task_id, token, *_flatten(result)])
             for task_id, token, result in completes]
+        if not claim:
+            nothing = Claims()
+            nothing.drained = True
+            return [r if isinstance(r, Exception) else bool(r)
+                    for r in self._pipelined(calls)], nothing
         calls.append(("claim", _claim_args(worker, instance, free_mem, free_cpus, free_gpus,
                                            max_count, lease_ms, free_resources)))
         replies = self._pipelined(calls)
@@ -659,9 +673,14 @@ class Store:
                      ) -> list[tuple[str, list[tuple[str, dict[str, str]]]]]:
         """Entries after each stream's id (``{key: id}``), waiting up to ``block_ms``
         for the first; ``[(key, [(id, fields)...])...]`` for the streams that had any."""
-        reply = self.redis.xread(dict(after), count=count,  # type: ignore[arg-type]
-                                 block=block_ms)
-        return cast(list[tuple[str, list[tuple[str, dict[str, str]]]]], reply or [])
+        reply = self._send_all([("XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS",
+                                 *after.keys(), *after.values())])[0]
+        if isinstance(reply, Exception):
+            raise reply
+        streams = reply.items() if isinstance(reply, dict) else reply or []  # RESP3 or 2
+        return [(key, [(entry_id, dict(zip(flat[::2], flat[1::2], strict=True)))
+                       for entry_id, flat in entries])
+                for key, entries in streams]
 
     def read_events(self, after: str, *, block_ms: int, count: int = 1000
                     ) -> list[tuple[str, dict[str, str]]]:
@@ -823,11 +842,20 @@ def _claim_args(worker: str, instance: str, free_mem: int, free_cpus: int, free_
             secrets.token_hex(4), format_resources(free_resources or {})]
 
 
-def _claims(out: list[Any]) -> list[Claim]:
-    """``claim``'s reply: five fields per claimed task."""
-    return [Claim(out[i], out[i + 1], int(out[i + 2]), TaskSpec.from_stored(out[i + 3]),
-                  int(out[i + 4]))
-            for i in range(0, len(out), 5)]
+class Claims(list[Claim]):
+    """A claim's tasks, and ``drained``: nothing at all was left ready in the queue
+    after it (see ``claim.lua``), so claiming again before a wake is pointless."""
+
+    drained: bool = False
+
+
+def _claims(out: list[Any]) -> Claims:
+    """``claim``'s reply: the drained flag, then five fields per claimed task."""
+    claims = Claims(Claim(out[i], out[i + 1], int(out[i + 2]), TaskSpec.from_stored(out[i + 3]),
+                          int(out[i + 4]))
+                    for i in range(1, len(out), 5))
+    claims.drained = bool(out[0])
+    return claims
 
 
 def _flatten(mapping: dict[str, Any]) -> list[Any]:

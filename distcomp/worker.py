@@ -60,6 +60,16 @@ from .store import Claim, HeldLease, NameTakenError, NotOwnerError, Store
 log = logging.getLogger("distcomp.worker")
 
 _REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+#: Seconds a claim's "queue drained" is believed without a wake: as long as an idle
+#: worker sleeps anyway, in case a wake message was lost.
+_DRAINED_TRUST = 2.0
+#: Prefetch while the running average of task wall times is below this: for longer
+#: tasks a round trip is noise, and a held task would wait a whole task's time.
+_PREFETCH_BELOW = 0.1
+#: A held task not started after this long goes back to the queue (its slot stayed busy).
+_HELD_MAX_AGE = 2.0
+#: Tasks held per running one: each round trip then completes and claims a few.
+_PREFETCH_DEPTH = 2
 
 
 @dataclass
@@ -122,6 +132,9 @@ class WorkerConfig:
     result_dir: Path | None = None
     #: Run python tasks in warm interpreters (``distcomp.pool``) where they can.
     python_pool: bool = True
+    #: While recent tasks are short (see ``_PREFETCH_BELOW``), hold up to one claimed
+    #: task per running one, started the moment a slot frees (no round trip between).
+    prefetch: bool = True
     #: A warm interpreter is replaced after this many calls, or once its resident
     #: memory exceeds ``pool_max_rss`` after a call.
     pool_max_tasks: int = 1000
@@ -236,6 +249,16 @@ class Worker:
         self.heartbeat = HeartbeatFile(config.state_dir / "workers" / "unregistered")
         self._guardian: subprocess.Popen[bytes] | None = None
         self._cancels: deque[str] = deque()
+        #: Wake messages seen (pub/sub thread), and how many there had been when a claim
+        #: found the queue drained, trusted until ``_drained_until`` (see claim.lua).
+        self._wakes = 0
+        self._drained_wakes = -1
+        self._drained_until = 0.0
+        #: Claimed tasks not started yet (prefetch): claim, payload, when claimed. Their
+        #: leases are renewed with the running ones'; they go back on stop.
+        self.held: deque[tuple[Claim, bytes | None, float]] = deque()
+        #: Running average of task wall times (None: nothing finished yet).
+        self._recent_wall: float | None = None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -417,7 +440,7 @@ class Worker:
                 self._flush_outbox()
                 if full:
                     continue  # the claim was full: there may be more for us
-                if not self.running and self._should_exit():
+                if not self.running and not self.held and self._should_exit():
                     return
             self._wait()
 
@@ -428,6 +451,8 @@ class Worker:
                 continue
             del self.running[tid]
             self._selector_forget(item)
+            self._recent_wall = outcome.wall if self._recent_wall is None else \
+                0.8 * self._recent_wall + 0.2 * outcome.wall
             item.usage.peak = max(item.usage.peak, outcome.peak_rss)
             if item.cgroup is not None and self.task_cgroups is not None:
                 if self.task_cgroups.oom_kills(item.cgroup) and not outcome.reason:
@@ -451,6 +476,7 @@ class Worker:
             proc.escalate(self.config.kill_grace)
         while self._cancels:
             tid = self._cancels.popleft()
+            self._drop_held({tid})  # already cancelled in Redis: nothing to report
             if tid in self.running:
                 self.running[tid].abandoned = True
                 self.running[tid].proc.terminate("cancelled")
@@ -519,6 +545,7 @@ class Worker:
         if not self._redis_ok():
             return
         leases = [(tid, r.claim.token) for tid, r in self.running.items() if not r.abandoned]
+        leases += [(claim.task_id, claim.token) for claim, _, _ in self.held]
         try:
             lost = self.store.renew(self.name, self.instance, leases,
                                     lease_ms=self._lease_ms, info=self._info())
@@ -534,6 +561,7 @@ class Worker:
             return
         self.last_renewed = time.monotonic()
         self._came_online()
+        self._drop_held(set(lost))
         for tid in lost:
             held = self.running.get(tid)
             if held is not None and not held.abandoned:
@@ -581,9 +609,12 @@ class Worker:
             log.info("history: %d finished tasks left Redis (%s)", removed, settings.mode)
 
     def _claim_and_start(self) -> bool:
-        """Claim what fits and start it; True if the claim got all it asked for (so
-        claiming again at once may get more). Otherwise the loop waits: a submit or
-        a finished task wakes it."""
+        """Start held tasks that fit, then claim what fits and start it; True if the
+        claim got all it asked for (so claiming again at once may get more).
+        Otherwise the loop waits: a submit or a finished task wakes it."""
+        self._release_held(f"held by worker {self.name} for over {_HELD_MAX_AGE:g}s",
+                           older_than=_HELD_MAX_AGE)
+        self._start_held()
         free_mem, free_cpus, free_gpus = self._free()
         # Declared budget AND measured headroom (less the high-water mark and what
         # running tasks are projected to grow into) must both allow a task.
@@ -595,20 +626,33 @@ class Worker:
         room = min(self.config.max_running - len(self.running), fits)
         if self.config.max_tasks is not None:
             room = min(room, self.config.max_tasks - self.stats.started)
-        if room <= 0 or not self._redis_ok():
+        room = max(0, room) if not self.held else 0  # held ones go first
+        extra = self._prefetch_room()
+        if (room + extra) <= 0 or not self._redis_ok():
             return False
-        wanted = min(room, 64)
+        wanted = min(room + extra, 64)
+        if extra:
+            # Ask as if the running tasks were done: what does not fit now is held
+            # and started the moment their slots free up.
+            free_cpus += _PREFETCH_DEPTH * sum(r.claim.spec.cpus for r in self.running.values())
+            free_mem += _PREFETCH_DEPTH * sum(r.mem for r in self.running.values())
         completes: list[_Report] = []
         for report in self.outbox:
             if report.kind != "complete" or len(completes) == 64:
                 break
             completes.append(report)
+        # The last claim left the queue drained and no wake came since: a claim now
+        # would find nothing (the completions still go).
+        drained = self._drained_wakes == self._wakes and time.monotonic() < self._drained_until
+        if drained and not completes:
+            return False
+        wakes = self._wakes
         try:
             done, got = self.store.complete_then_claim(
                 [(r.task_id, r.token, r.result) for r in completes],
                 self.name, self.instance, free_mem=free_mem, free_cpus=free_cpus,
                 free_gpus=len(free_gpus), max_count=wanted, lease_ms=self._lease_ms,
-                free_resources=self._free_resources())
+                free_resources=self._free_resources(), claim=not drained)
             for report, applied in zip(completes, done, strict=True):
                 self.outbox.popleft()
                 if isinstance(applied, Exception):  # a script error: not applied
@@ -618,6 +662,10 @@ class Worker:
             if isinstance(got, Exception):
                 raise got
             claims = got
+            if not drained:
+                self._drained_wakes = wakes
+                self._drained_until = time.monotonic() + _DRAINED_TRUST if claims.drained \
+                    else 0.0
         except NotOwnerError:
             log.error("worker name %s was taken over by another process; stopping", self.name)
             self.request_stop()
@@ -628,9 +676,52 @@ class Worker:
             return False
         self._came_online()
         payloads = self._payloads(claims)
+        now = time.monotonic()
         for claim in claims:
-            self._start(claim, free_gpus, payloads)
+            self.held.append((claim, payloads.get(claim.spec.payload or ""), now))
+        self._start_held()
         return len(claims) == wanted
+
+    def _prefetch_room(self) -> int:
+        """How many more tasks to hold: up to one per running task, while recent tasks
+        are short (a round trip is then a real share of each task's time)."""
+        if not self.config.prefetch or self.config.max_tasks is not None or self.stopping \
+                or self._recent_wall is None or self._recent_wall > _PREFETCH_BELOW:
+            return 0
+        now = time.monotonic()
+        if any(now - r.proc.started > _HELD_MAX_AGE / 2 for r in self.running.values()):
+            return 0  # a long one is running after all: what is held goes back soon
+        return max(0, _PREFETCH_DEPTH * len(self.running) - len(self.held))
+
+    def _start_held(self) -> None:
+        """Start held tasks in claim order while the next one fits (declared budget,
+        GPUs, custom resources and the memory guard, as for a fresh claim)."""
+        while self.held and len(self.running) < self.config.max_running:
+            claim, payload, _ = self.held[0]
+            free_mem, free_cpus, free_gpus = self._free()
+            measured, fits = self.guard.admission(
+                [r.candidate() for r in self.running.values()], time.monotonic())
+            spec = claim.spec
+            free_res = self._free_resources()
+            if fits <= 0 or spec.cpus > free_cpus or spec.gpus > len(free_gpus) \
+                    or max(claim.mem, spec.mem) > min(free_mem, measured) \
+                    or any(n > free_res.get(name, 0) for name, n in spec.resources):
+                return
+            self.held.popleft()
+            self._start(claim, free_gpus, {spec.payload or "": payload})
+
+    def _drop_held(self, task_ids: set[str]) -> None:
+        """Forget held tasks that are no longer ours (cancelled, lease lost)."""
+        if task_ids and self.held:
+            self.held = deque(h for h in self.held if h[0].task_id not in task_ids)
+
+    def _release_held(self, reason: str, older_than: float | None = None) -> None:
+        """Give held tasks back to the queue (stopping, or held too long)."""
+        now = time.monotonic()
+        while self.held and (older_than is None or now - self.held[0][2] > older_than):
+            claim, _, _ = self.held.popleft()
+            self.outbox.append(_Report("requeue", claim.task_id, claim.token, {},
+                                       reason=reason, spec=claim.spec))
 
     def _payloads(self, claims: list[Claim]) -> dict[str, bytes | None]:
         """The pickled payloads of this batch's python tasks, in one round trip."""
@@ -711,6 +802,7 @@ class Worker:
 
     # -- stopping --------------------------------------------------------
     def _stop_running_tasks(self) -> None:
+        self._release_held(f"worker {self.name} stopped")
         if self.config.drain and not self.hard_stop:
             return
         for item in self.running.values():
@@ -722,6 +814,7 @@ class Worker:
                 item.proc.terminate("worker stopping")
 
     def _shutdown(self) -> None:
+        self._release_held(f"worker {self.name} stopped")
         for item in self.running.values():
             item.proc.kill_now("worker stopping")
         self._closed.set()
@@ -1023,7 +1116,8 @@ class Worker:
                 ignore_subscribe_messages=True)
             try:
                 pubsub.subscribe(self.store.wake_channel, self.store.control_channel)
-                self._poke()  # we may have missed messages while (re)connecting
+                self._wakes += 1  # we may have missed messages while (re)connecting
+                self._poke()
                 backoff = 0.1
                 while not self._closed.is_set():
                     message = pubsub.get_message(timeout=1.0)
@@ -1033,6 +1127,7 @@ class Worker:
                         parts = str(message["data"]).split()
                         if len(parts) == 3 and parts[0] == "cancel" and parts[1] == self.name:
                             self._cancels.append(parts[2])
+                    self._wakes += 1
                     self._poke()
             except _REDIS_ERRORS:
                 self._closed.wait(backoff)

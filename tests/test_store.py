@@ -399,3 +399,27 @@ def test_queue_default_retries_apply_to_tasks_without_their_own(store: Store) ->
     store.submit([spec("inherits"), spec("own", retries=0)])
     assert [store.redis.hget(store.key("task", t), "retries") for t in ("1.1", "1.2")] \
         == ["2", "0"]
+
+
+def test_claim_says_when_the_queue_is_drained(store: Store) -> None:
+    """A claim's ``drained`` flag: nothing ready of any shape and no retry waiting
+    out its delay, so a worker need not claim again until a wake."""
+    inst = register(store)
+    store.submit([spec("a", retries=1), spec("b", mem=128 * GIB)], job_name="j")
+    first = store.claim("w1", inst, free_mem=GIB, free_cpus=1, free_gpus=0, max_count=1,
+                        lease_ms=LEASE)
+    assert [c.task_id for c in first] == ["1.1"]
+    assert not first.drained  # 1.2 is still there, even if it fits nowhere here
+    store.cancel(["1.2"])
+    assert store.fail("1.1", first[0].token, "boom", {}, retry_delay=60) == "retry"
+    waiting = store.claim("w1", inst, free_mem=GIB, free_cpus=1, free_gpus=0, max_count=1,
+                          lease_ms=LEASE)
+    assert list(waiting) == [] and not waiting.drained  # a retry is waiting out its delay
+    store.cancel(["1.1"])
+    empty = store.claim("w1", inst, free_mem=GIB, free_cpus=1, free_gpus=0, max_count=1,
+                        lease_ms=LEASE)
+    assert list(empty) == [] and empty.drained
+    store.submit([spec("c")], job_name="k")
+    again = store.claim("w1", inst, free_mem=GIB, free_cpus=1, free_gpus=0, max_count=1,
+                        lease_ms=LEASE)
+    assert [c.task_id for c in again] == ["2.1"] and again.drained

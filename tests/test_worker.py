@@ -359,3 +359,76 @@ def test_custom_resource_limits_concurrency(store: Store, start_worker: StartWor
     rows = spans(out)
     assert len(rows) == 3
     assert not any(overlap(a, b) for i, a in enumerate(rows) for b in rows[i + 1:])
+
+
+def _states(store: Store, task_ids: list[str]) -> list[str | None]:
+    return [row[0] for row in store.task_fields(task_ids, ["state"])]
+
+
+def test_prefetch_holds_short_tasks_and_gives_them_back(
+        store: Store, start_worker: Callable[..., WorkerThread], tmp_path: Path) -> None:
+    """Once tasks are short, a busy worker holds claimed tasks (leased, not started)
+    to start the moment a slot frees; held ones go back to the queue, never
+    started, when their slot stays busy too long (and when the worker stops)."""
+    warm = store.submit([TaskSpec(cmd=f"true {i}") for i in range(5)], job_name="warm")
+    w = start_worker(cpus=1)
+    wait_for(lambda: _states(store, warm.task_ids) == ["succeeded"] * 5)
+    slow = store.submit([TaskSpec(cmd="sleep 30")], job_name="slow").task_ids[0]
+    wait_for(lambda: _states(store, [slow]) == ["running"])
+    quick = store.submit([TaskSpec(cmd=f"echo {i}") for i in range(3)], job_name="quick")
+    # Depth 2 per running task: two are held (leased to us), the third stays queued.
+    wait_for(lambda: _states(store, quick.task_ids) == ["running", "running", "queued"])
+    assert len(w.worker.held) == 2 and len(w.worker.running) == 1
+    # The slot stays busy: after 2 s they go back, and are not claimed again while
+    # the long task runs.
+    wait_for(lambda: _states(store, quick.task_ids) == ["queued"] * 3, timeout=10)
+    time.sleep(0.5)
+    assert _states(store, quick.task_ids) == ["queued"] * 3 and not w.worker.held
+    w.stop()
+    assert _states(store, quick.task_ids) == ["queued"] * 3
+    rows = store.task_fields(quick.task_ids[:2], ["reason"])
+    assert all("held by worker" in (row[0] or "") for row in rows)
+    assert not list((tmp_path / "logs").rglob(f"{quick.task_ids[0]}.*"))  # never started
+
+
+def test_held_tasks_start_when_the_slot_frees(
+        store: Store, start_worker: Callable[..., WorkerThread]) -> None:
+    """Held tasks run in claim order as slots free, and every task runs exactly once."""
+    warm = store.submit([TaskSpec(cmd=f"true {i}") for i in range(5)], job_name="warm")
+    w = start_worker(cpus=2)
+    wait_for(lambda: _states(store, warm.task_ids) == ["succeeded"] * 5)
+    many = store.submit([TaskSpec(cmd=f"echo {i}") for i in range(300)], job_name="many")
+    wait_for(lambda: store.counts().get("succeeded", 0) == 305, timeout=60)
+    stats = w.stop()
+    assert stats.succeeded == 305 and stats.stale == 0 and stats.requeued == 0
+    attempts = store.task_fields(many.task_ids, ["attempt"])
+    assert {row[0] for row in attempts} == {"1"}
+
+
+def test_no_prefetch_for_long_tasks(store: Store,
+                                    start_worker: Callable[..., WorkerThread]) -> None:
+    """A worker whose tasks are long holds nothing: the next task stays in the queue
+    for whichever worker frees first."""
+    first = store.submit([TaskSpec(cmd="sleep 0.4")], job_name="long").task_ids[0]
+    w = start_worker(cpus=1)
+    wait_for(lambda: _states(store, [first]) == ["succeeded"])
+    slow = store.submit([TaskSpec(cmd="sleep 30")], job_name="slow").task_ids[0]
+    wait_for(lambda: _states(store, [slow]) == ["running"])
+    nxt = store.submit([TaskSpec(cmd="true")], job_name="next").task_ids[0]
+    time.sleep(1.0)
+    assert _states(store, [nxt]) == ["queued"] and not w.worker.held
+
+
+def test_held_tasks_go_back_when_the_worker_stops(
+        store: Store, start_worker: Callable[..., WorkerThread]) -> None:
+    warm = store.submit([TaskSpec(cmd=f"true {i}") for i in range(5)], job_name="warm")
+    w = start_worker(cpus=1)
+    wait_for(lambda: _states(store, warm.task_ids) == ["succeeded"] * 5)
+    slow = store.submit([TaskSpec(cmd="sleep 30")], job_name="slow").task_ids[0]
+    wait_for(lambda: _states(store, [slow]) == ["running"])
+    quick = store.submit([TaskSpec(cmd="true")], job_name="quick").task_ids[0]
+    wait_for(lambda: len(w.worker.held) == 1)
+    w.stop()
+    assert _states(store, [quick, slow]) == ["queued", "queued"]
+    reason = store.task_fields([quick], ["reason"])[0][0]
+    assert reason is not None and "stopped" in reason

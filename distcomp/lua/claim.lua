@@ -24,8 +24,11 @@
 -- nonce, so a counter that went back after a restart never repeats a token) and a deadline
 -- from the server clock, enters the lease index and the worker's task set, and
 -- its counters move queued -> running in the same step.
--- Returns: flat list of {task_id, token, attempt, spec_json, mem} per claimed task
+-- Returns: {drained, then task_id, token, attempt, spec_json, mem per claimed task}
 -- (mem: the current requirement, which the memory guard may have raised).
+-- drained is 1 when nothing at all is left ready after this claim (no ready set,
+-- no retry waiting out its delay): until something is submitted or requeued,
+-- which publishes a wake, claiming again would find nothing, whatever frees up.
 local worker, instance = ARGV[1], ARGV[2]
 local free_mem, free_cpus, free_gpus = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local max_count, lease_ms = tonumber(ARGV[6]), tonumber(ARGV[7])
@@ -51,7 +54,7 @@ local restarted = restart_time(now)
 if now < restarted + lease_ms then
   local unrenewed = redis.call('ZRANGEBYSCORE', P .. 'workers', '(' .. int(restarted - lease_ms),
     '(' .. int(restarted), 'LIMIT', 0, 1)
-  if #unrenewed > 0 then return {} end
+  if #unrenewed > 0 then return {0} end
 end
 promote_due(now)
 local HEAD_SCAN = 8
@@ -69,7 +72,7 @@ local function excluded(tid)
   return false
 end
 
-local out = {}
+local out = {0}
 local shapes = redis.call('SMEMBERS', P .. 'shapes')
 for _ = 1, max_count do
   local best_tid, best_score, best_shape, best_mem = nil, nil, nil, nil
@@ -120,5 +123,8 @@ for _ = 1, max_count do
   for name, n in pairs(parse_resources(string.match(best_shape, ':r(.*)$'))) do
     free_res[name] = free_res[name] - n
   end
+end
+if redis.call('SCARD', P .. 'shapes') == 0 and redis.call('ZCARD', P .. 'delayed') == 0 then
+  out[1] = 1
 end
 return out
