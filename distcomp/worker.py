@@ -67,7 +67,7 @@ _DRAINED_TRUST = 2.0
 #: tasks a round trip is noise, and a held task would wait a whole task's time.
 _PREFETCH_BELOW = 0.1
 #: A held task not started after this long goes back to the queue (its slot stayed busy).
-_HELD_MAX_AGE = 2.0
+_PREFETCHED_MAX_AGE = 2.0
 #: Tasks held per running one: each round trip then completes and claims a few.
 _PREFETCH_DEPTH = 2
 
@@ -256,7 +256,7 @@ class Worker:
         self._drained_until = 0.0
         #: Claimed tasks not started yet (prefetch): claim, payload, when claimed. Their
         #: leases are renewed with the running ones'; they go back on stop.
-        self.held: deque[tuple[Claim, bytes | None, float]] = deque()
+        self.prefetched: deque[tuple[Claim, bytes | None, float]] = deque()
         #: Running average of task wall times (None: nothing finished yet).
         self._recent_wall: float | None = None
         self._wake_r, self._wake_w = os.pipe()
@@ -440,7 +440,7 @@ class Worker:
                 self._flush_outbox()
                 if full:
                     continue  # the claim was full: there may be more for us
-                if not self.running and not self.held and self._should_exit():
+                if not self.running and not self.prefetched and self._should_exit():
                     return
             self._wait()
 
@@ -476,7 +476,7 @@ class Worker:
             proc.escalate(self.config.kill_grace)
         while self._cancels:
             tid = self._cancels.popleft()
-            self._drop_held({tid})  # already cancelled in Redis: nothing to report
+            self._drop_prefetched({tid})  # already cancelled in Redis: nothing to report
             if tid in self.running:
                 self.running[tid].abandoned = True
                 self.running[tid].proc.terminate("cancelled")
@@ -545,7 +545,7 @@ class Worker:
         if not self._redis_ok():
             return
         leases = [(tid, r.claim.token) for tid, r in self.running.items() if not r.abandoned]
-        leases += [(claim.task_id, claim.token) for claim, _, _ in self.held]
+        leases += [(claim.task_id, claim.token) for claim, _, _ in self.prefetched]
         try:
             lost = self.store.renew(self.name, self.instance, leases,
                                     lease_ms=self._lease_ms, info=self._info())
@@ -561,7 +561,7 @@ class Worker:
             return
         self.last_renewed = time.monotonic()
         self._came_online()
-        self._drop_held(set(lost))
+        self._drop_prefetched(set(lost))
         for tid in lost:
             held = self.running.get(tid)
             if held is not None and not held.abandoned:
@@ -612,9 +612,9 @@ class Worker:
         """Start held tasks that fit, then claim what fits and start it; True if the
         claim got all it asked for (so claiming again at once may get more).
         Otherwise the loop waits: a submit or a finished task wakes it."""
-        self._release_held(f"held by worker {self.name} for over {_HELD_MAX_AGE:g}s",
-                           older_than=_HELD_MAX_AGE)
-        self._start_held()
+        self._release_prefetched(f"held by worker {self.name} for over {_PREFETCHED_MAX_AGE:g}s",
+                           older_than=_PREFETCHED_MAX_AGE)
+        self._start_prefetched()
         free_mem, free_cpus, free_gpus = self._free()
         # Declared budget AND measured headroom (less the high-water mark and what
         # running tasks are projected to grow into) must both allow a task.
@@ -626,7 +626,7 @@ class Worker:
         room = min(self.config.max_running - len(self.running), fits)
         if self.config.max_tasks is not None:
             room = min(room, self.config.max_tasks - self.stats.started)
-        room = max(0, room) if not self.held else 0  # held ones go first
+        room = max(0, room) if not self.prefetched else 0  # held ones go first
         extra = self._prefetch_room()
         if (room + extra) <= 0 or not self._redis_ok():
             return False
@@ -678,8 +678,8 @@ class Worker:
         payloads = self._payloads(claims)
         now = time.monotonic()
         for claim in claims:
-            self.held.append((claim, payloads.get(claim.spec.payload or ""), now))
-        self._start_held()
+            self.prefetched.append((claim, payloads.get(claim.spec.payload or ""), now))
+        self._start_prefetched()
         return len(claims) == wanted
 
     def _prefetch_room(self) -> int:
@@ -689,15 +689,15 @@ class Worker:
                 or self._recent_wall is None or self._recent_wall > _PREFETCH_BELOW:
             return 0
         now = time.monotonic()
-        if any(now - r.proc.started > _HELD_MAX_AGE / 2 for r in self.running.values()):
+        if any(now - r.proc.started > _PREFETCHED_MAX_AGE / 2 for r in self.running.values()):
             return 0  # a long one is running after all: what is held goes back soon
-        return max(0, _PREFETCH_DEPTH * len(self.running) - len(self.held))
+        return max(0, _PREFETCH_DEPTH * len(self.running) - len(self.prefetched))
 
-    def _start_held(self) -> None:
+    def _start_prefetched(self) -> None:
         """Start held tasks in claim order while the next one fits (declared budget,
         GPUs, custom resources and the memory guard, as for a fresh claim)."""
-        while self.held and len(self.running) < self.config.max_running:
-            claim, payload, _ = self.held[0]
+        while self.prefetched and len(self.running) < self.config.max_running:
+            claim, payload, _ = self.prefetched[0]
             free_mem, free_cpus, free_gpus = self._free()
             measured, fits = self.guard.admission(
                 [r.candidate() for r in self.running.values()], time.monotonic())
@@ -707,19 +707,19 @@ class Worker:
                     or max(claim.mem, spec.mem) > min(free_mem, measured) \
                     or any(n > free_res.get(name, 0) for name, n in spec.resources):
                 return
-            self.held.popleft()
+            self.prefetched.popleft()
             self._start(claim, free_gpus, {spec.payload or "": payload})
 
-    def _drop_held(self, task_ids: set[str]) -> None:
+    def _drop_prefetched(self, task_ids: set[str]) -> None:
         """Forget held tasks that are no longer ours (cancelled, lease lost)."""
-        if task_ids and self.held:
-            self.held = deque(h for h in self.held if h[0].task_id not in task_ids)
+        if task_ids and self.prefetched:
+            self.prefetched = deque(h for h in self.prefetched if h[0].task_id not in task_ids)
 
-    def _release_held(self, reason: str, older_than: float | None = None) -> None:
+    def _release_prefetched(self, reason: str, older_than: float | None = None) -> None:
         """Give held tasks back to the queue (stopping, or held too long)."""
         now = time.monotonic()
-        while self.held and (older_than is None or now - self.held[0][2] > older_than):
-            claim, _, _ = self.held.popleft()
+        while self.prefetched and (older_than is None or now - self.prefetched[0][2] > older_than):
+            claim, _, _ = self.prefetched.popleft()
             self.outbox.append(_Report("requeue", claim.task_id, claim.token, {},
                                        reason=reason, spec=claim.spec))
 
@@ -802,7 +802,7 @@ class Worker:
 
     # -- stopping --------------------------------------------------------
     def _stop_running_tasks(self) -> None:
-        self._release_held(f"worker {self.name} stopped")
+        self._release_prefetched(f"worker {self.name} stopped")
         if self.config.drain and not self.hard_stop:
             return
         for item in self.running.values():
@@ -814,7 +814,7 @@ class Worker:
                 item.proc.terminate("worker stopping")
 
     def _shutdown(self) -> None:
-        self._release_held(f"worker {self.name} stopped")
+        self._release_prefetched(f"worker {self.name} stopped")
         for item in self.running.values():
             item.proc.kill_now("worker stopping")
         self._closed.set()

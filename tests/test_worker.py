@@ -378,12 +378,12 @@ def test_prefetch_holds_short_tasks_and_gives_them_back(
     quick = store.submit([TaskSpec(cmd=f"echo {i}") for i in range(3)], job_name="quick")
     # Depth 2 per running task: two are held (leased to us), the third stays queued.
     wait_for(lambda: _states(store, quick.task_ids) == ["running", "running", "queued"])
-    assert len(w.worker.held) == 2 and len(w.worker.running) == 1
+    assert len(w.worker.prefetched) == 2 and len(w.worker.running) == 1
     # The slot stays busy: after 2 s they go back, and are not claimed again while
     # the long task runs.
     wait_for(lambda: _states(store, quick.task_ids) == ["queued"] * 3, timeout=10)
     time.sleep(0.5)
-    assert _states(store, quick.task_ids) == ["queued"] * 3 and not w.worker.held
+    assert _states(store, quick.task_ids) == ["queued"] * 3 and not w.worker.prefetched
     w.stop()
     assert _states(store, quick.task_ids) == ["queued"] * 3
     rows = store.task_fields(quick.task_ids[:2], ["reason"])
@@ -416,7 +416,7 @@ def test_no_prefetch_for_long_tasks(store: Store,
     wait_for(lambda: _states(store, [slow]) == ["running"])
     nxt = store.submit([TaskSpec(cmd="true")], job_name="next").task_ids[0]
     time.sleep(1.0)
-    assert _states(store, [nxt]) == ["queued"] and not w.worker.held
+    assert _states(store, [nxt]) == ["queued"] and not w.worker.prefetched
 
 
 def test_held_tasks_go_back_when_the_worker_stops(
@@ -427,7 +427,7 @@ def test_held_tasks_go_back_when_the_worker_stops(
     slow = store.submit([TaskSpec(cmd="sleep 30")], job_name="slow").task_ids[0]
     wait_for(lambda: _states(store, [slow]) == ["running"])
     quick = store.submit([TaskSpec(cmd="true")], job_name="quick").task_ids[0]
-    wait_for(lambda: len(w.worker.held) == 1)
+    wait_for(lambda: len(w.worker.prefetched) == 1)
     w.stop()
     assert _states(store, [quick, slow]) == ["queued", "queued"]
     reason = store.task_fields([quick], ["reason"])[0][0]
