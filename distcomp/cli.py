@@ -298,8 +298,8 @@ def _worker_options(func: F) -> F:
                      help="Run python tasks in warm interpreters (one per slot, reused "
                           "call after call) instead of a fresh interpreter per task."),
         click.option("--prefetch/--no-prefetch", default=True, show_default=True,
-                     help="While tasks are short (under 0.1s on average), hold up to one "
-                          "claimed task per running one, to start it the moment a slot "
+                     help="While tasks are short (under 0.1s on average), hold up to two "
+                          "claimed tasks per running one, to start them the moment a slot "
                           "frees (held ones go back to the queue after 2s)."),
         click.option("--pool-max-tasks", type=click.IntRange(min=1), default=1000,
                      show_default=True,

@@ -133,10 +133,12 @@ class TaskFuture(cf.Future[Any]):
 def _mark_cancelled(fut: cf.Future[Any]) -> bool:
     """Cancel locally and notify waiters (``wait``/``as_completed`` count a future as
     done only once ``set_running_or_notify_cancel`` saw it cancelled)."""
+    already = fut.cancelled()  # and notified: notifying twice logs an error
     if not cf.Future.cancel(fut):
         return False
-    with contextlib.suppress(RuntimeError):
-        fut.set_running_or_notify_cancel()
+    if not already:
+        with contextlib.suppress(RuntimeError):
+            fut.set_running_or_notify_cancel()
     return True
 
 
@@ -329,7 +331,8 @@ class PythonTasks:
 
     def cancel_futures(self, futures: Sequence[TaskFuture]) -> None:
         """``cancel()`` for many futures at once."""
-        waiting = [f for f in futures if not f.done() and not f.running()]
+        # (The local state only: ``running()`` would ask Redis once per future.)
+        waiting = [f for f in futures if not f.done() and not cf.Future.running(f)]
         cancelled = set(self.cancel_queued([f.task_id for f in waiting]))
         for fut in waiting:
             if fut.task_id in cancelled:
@@ -371,42 +374,48 @@ class PythonTasks:
             self._thread.start()
 
     def _listen(self) -> None:
-        last_check = time.monotonic()
-        backoff = 0.1
-        events_key = self.store.events_key()
+        state = {"last_check": time.monotonic(), "backoff": 0.1}
         while not self._stop.is_set():
-            with self._lock:
-                if not self._foreign:
-                    self._after.pop(events_key, None)  # nobody else's tasks to hear of
-                after = dict(self._after)
             try:
-                replies = self._events.read_streams(after, block_ms=500)
-                backoff = 0.1
-            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-                log.warning("future listener lost Redis (%s); retrying", exc)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
-                continue
-            except Exception:  # a listener that dies leaves every future hanging
-                log.exception("future listener: unexpected error; retrying")
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
-                continue
-            now = time.monotonic()
-            if now - last_check > _RECONCILE_AFTER:
-                # Safety net, busy stream or not: an entry trimmed from a capped
-                # stream before we read it must not leave a future waiting forever.
-                last_check = now
+                self._listen_once(state)
+                state["backoff"] = 0.1
+            except Exception as exc:  # a listener that dies leaves every future hanging
+                if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OSError)):
+                    log.warning("future listener lost Redis (%s); retrying", exc)
+                else:
+                    log.exception("future listener: unexpected error; retrying")
+                self._stop.wait(state["backoff"])
+                state["backoff"] = min(state["backoff"] * 2, 5.0)
                 with self._lock:
                     ids = list(self._pending)
-                if ids:
-                    self._reconcile(ids)
-            for key, entries in replies:
-                if entries:
-                    with self._lock:
-                        if key in self._after:
-                            self._after[key] = entries[-1][0]
-                    self._take_notices(entries, own=key != events_key)
+                # What was read but not settled before the error: the states say.
+                with contextlib.suppress(Exception):
+                    if ids:
+                        self._reconcile(ids)
+
+    def _listen_once(self, state: dict[str, float]) -> None:
+        """One read of the streams and what it settles; the safety net when due."""
+        events_key = self.store.events_key()
+        with self._lock:
+            if not self._foreign:
+                self._after.pop(events_key, None)  # nobody else's tasks to hear of
+            after = dict(self._after)
+        replies = self._events.read_streams(after, block_ms=500)
+        now = time.monotonic()
+        if now - state["last_check"] > _RECONCILE_AFTER:
+            # Safety net, busy stream or not: an entry trimmed from a capped
+            # stream before we read it must not leave a future waiting forever.
+            state["last_check"] = now
+            with self._lock:
+                ids = list(self._pending)
+            if ids:
+                self._reconcile(ids)
+        for key, entries in replies:
+            if entries:
+                with self._lock:
+                    if key in self._after:
+                        self._after[key] = entries[-1][0]
+                self._take_notices(entries, own=key != events_key)
 
     def _take_notices(self, entries: list[tuple[str, dict[str, str]]], *, own: bool) -> None:
         """Settle the futures these entries finish. ``own``: from our notification

@@ -23,12 +23,13 @@ import contextlib
 import logging
 import os
 import pickle
+import select
 import subprocess
 import sys
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-from .store import Store
+from .store import HeldLease, Store
 from .worker import Stats, Worker, WorkerConfig
 
 if TYPE_CHECKING:
@@ -65,10 +66,13 @@ class LocalWorker:
         # tells it to stop.
         self._lifeline_r, self._lifeline_w = os.pipe()
         os.set_inheritable(self._lifeline_w, False)
+        _LIFELINES.add(self._lifeline_w)
         env = os.environ.copy()
-        # The child imports the same distcomp as we did, wherever it came from.
+        # The child imports the same distcomp as we did, wherever it came from; it
+        # puts PYTHONPATH back before running anything, so tasks do not inherit it.
+        original_pythonpath = env.get("PYTHONPATH")
         env["PYTHONPATH"] = os.pathsep.join(
-            [*paths, *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
+            [*paths, *([original_pythonpath] if original_pythonpath else [])])
         try:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "distcomp.local", str(self._lifeline_r)],
@@ -76,11 +80,29 @@ class LocalWorker:
                 pass_fds=(self._lifeline_r,), start_new_session=True)
         finally:
             os.close(self._lifeline_r)
-        assert self.process.stdin is not None
-        with self.process.stdin as settings:
-            pickle.dump((client.store.url, client.store.queue, self.config), settings)
-        self.process.stdin = None  # closed: communicate() must not flush it
         self._stopped = threading.Lock()
+        assert self.process.stdin is not None and self.process.stdout is not None
+        try:
+            with self.process.stdin as settings:
+                pickle.dump((client.store.url, client.store.queue, self.config,
+                             original_pythonpath), settings)
+            self.process.stdin = None  # closed: communicate() must not flush it
+            # One byte once it has registered; end of file if it failed to start (a
+            # taken name, an unreachable Redis...), whose message is on our stderr.
+            ready, _, _ = select.select([self.process.stdout], [], [], _START_TIMEOUT)
+            started = bool(ready) and os.read(self.process.stdout.fileno(), 1) == _READY
+        except OSError:
+            started = False
+        if not started:
+            self._close_lifeline()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(5)
+            if self.process.poll() is None:
+                self.process.kill()
+            self.process.wait()
+            raise LocalWorkerError(
+                f"the local worker did not start (exit status {self.process.returncode}; "
+                "its messages are on this process's stderr)")
 
     @property
     def pid(self) -> int:
@@ -95,8 +117,7 @@ class LocalWorker:
         with self._stopped:
             if self._lifeline_w < 0:
                 return
-            os.close(self._lifeline_w)
-            self._lifeline_w = -1
+            self._close_lifeline()
         assert self.process.stdout is not None
         try:
             out, _ = self.process.communicate(timeout=timeout)
@@ -114,11 +135,49 @@ class LocalWorker:
                 "(its messages are on this process's stderr)")
             log.error("%s", self.error)
 
+    def _close_lifeline(self) -> None:
+        _LIFELINES.discard(self._lifeline_w)
+        with contextlib.suppress(OSError):
+            os.close(self._lifeline_w)
+        self._lifeline_w = -1
+
     def __del__(self) -> None:
         # Closing the lifeline is enough: the child stops on its own.
         if getattr(self, "_lifeline_w", -1) >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self._lifeline_w)
+            self._close_lifeline()
+
+
+#: Write ends of live lifelines. A child forked from the client (multiprocessing's
+#: default on Linux) closes them, so that it cannot keep a local worker alive after
+#: the client itself is gone.
+_LIFELINES: set[int] = set()
+_READY = b"R"
+#: Seconds a local worker may take to start and register.
+_START_TIMEOUT = 60.0
+
+
+def _close_lifelines_in_child() -> None:
+    for fd in _LIFELINES:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _LIFELINES.clear()
+
+
+os.register_at_fork(after_in_child=_close_lifelines_in_child)
+
+
+class _AnnouncedWorker(Worker):
+    """Tells the client (one byte on ``announce``) once it has registered."""
+
+    def __init__(self, store: Store, config: WorkerConfig, announce: BinaryIO) -> None:
+        super().__init__(store, config)
+        self._announce = announce
+
+    def register(self) -> list[HeldLease]:
+        held = super().register()
+        self._announce.write(_READY)
+        self._announce.flush()
+        return held
 
 
 def _watch_lifeline(fd: int, worker: Worker) -> None:
@@ -132,13 +191,17 @@ def _watch_lifeline(fd: int, worker: Worker) -> None:
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="distcomp local worker: %(message)s")
     lifeline = int(argv[0])
-    url, queue, config = pickle.load(sys.stdin.buffer)
+    url, queue, config, pythonpath = pickle.load(sys.stdin.buffer)
+    if pythonpath is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = pythonpath
     # Stats go to the client on stdout; nothing else may write there.
     stats_out = os.fdopen(os.dup(1), "wb")
     null = os.open(os.devnull, os.O_WRONLY)
     os.dup2(null, 1)
     os.close(null)
-    worker = Worker(Store(url, queue), config)
+    worker = _AnnouncedWorker(Store(url, queue), config, stats_out)
     worker.install_signal_handlers()
     threading.Thread(target=_watch_lifeline, args=(lifeline, worker), daemon=True,
                      name="distcomp-lifeline").start()

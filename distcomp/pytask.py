@@ -132,8 +132,10 @@ class _OutcomeSink:
         self.size = 0
         self.file: BinaryIO | None = None
 
-    def write(self, data: bytes | memoryview) -> int:
-        size = len(data)
+    def write(self, data: bytes | memoryview | pickle.PickleBuffer) -> int:
+        # Protocol 5 hands large buffers (numpy arrays...) over as PickleBuffers,
+        # which have no len(); a memoryview's len() counts items, not bytes.
+        size = memoryview(data).nbytes
         if self.file is None and self.size + size > self.limit:
             self.file = open(f"{self.path}.tmp", "wb")  # noqa: SIM115 (closed in finish)
             self.file.writelines(self.chunks)

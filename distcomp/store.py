@@ -381,6 +381,7 @@ class Store:
         lease_ms: int,
         free_resources: dict[str, int] | None = None,
         claim: bool = True,
+        task_caps: tuple[int, int] | None = None,
     ) -> tuple[list[bool | Exception], Claims | Exception]:
         """Any ``complete`` transitions (none is fine) and then a ``claim``, in one round trip
         (a pipeline: each script stays atomic on its own). A worker whose task just
@@ -390,7 +391,8 @@ class Store:
         completions count either way (a completion's script error comes back in
         its place: the claim still stands and its tasks must be started).
         ``claim=False``: the completions alone (the queue is known to be drained);
-        the claims are then an empty, drained list."""
+        the claims are then an empty, drained list. ``task_caps``: (memory, cpus) no
+        single claimed task may exceed, whatever the free amounts say (prefetch)."""
         calls: list[tuple[str, Sequence[Any]]] = [
             ("complete", [task_id, token, *_flatten(result)])
             for task_id, token, result in completes]
@@ -400,7 +402,7 @@ class Store:
             return [r if isinstance(r, Exception) else bool(r)
                     for r in self._pipelined(calls)], nothing
         calls.append(("claim", _claim_args(worker, instance, free_mem, free_cpus, free_gpus,
-                                           max_count, lease_ms, free_resources)))
+                                           max_count, lease_ms, free_resources, task_caps)))
         replies = self._pipelined(calls)
         done: list[bool | Exception] = [
             reply if isinstance(reply, Exception) else bool(reply) for reply in replies[:-1]]
@@ -836,10 +838,13 @@ def _script_error(exc: redis.ResponseError) -> Exception:
 
 
 def _claim_args(worker: str, instance: str, free_mem: int, free_cpus: int, free_gpus: int,
-                max_count: int, lease_ms: int, free_resources: dict[str, int] | None
-                ) -> list[Any]:
-    return [worker, instance, free_mem, free_cpus, free_gpus, max_count, lease_ms,
-            secrets.token_hex(4), format_resources(free_resources or {})]
+                max_count: int, lease_ms: int, free_resources: dict[str, int] | None,
+                task_caps: tuple[int, int] | None = None) -> list[Any]:
+    args: list[Any] = [worker, instance, free_mem, free_cpus, free_gpus, max_count, lease_ms,
+                       secrets.token_hex(4), format_resources(free_resources or {})]
+    if task_caps is not None:
+        args += [task_caps[0], task_caps[1]]
+    return args
 
 
 class Claims(list[Claim]):

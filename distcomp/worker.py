@@ -132,8 +132,8 @@ class WorkerConfig:
     result_dir: Path | None = None
     #: Run python tasks in warm interpreters (``distcomp.pool``) where they can.
     python_pool: bool = True
-    #: While recent tasks are short (see ``_PREFETCH_BELOW``), hold up to one claimed
-    #: task per running one, started the moment a slot frees (no round trip between).
+    #: While recent tasks are short (see ``_PREFETCH_BELOW``), hold up to two claimed
+    #: tasks per running one, started the moment a slot frees (no round trip between).
     prefetch: bool = True
     #: A warm interpreter is replaced after this many calls, or once its resident
     #: memory exceeds ``pool_max_rss`` after a call.
@@ -612,8 +612,12 @@ class Worker:
         """Start held tasks that fit, then claim what fits and start it; True if the
         claim got all it asked for (so claiming again at once may get more).
         Otherwise the loop waits: a submit or a finished task wakes it."""
-        self._release_prefetched(f"held by worker {self.name} for over {_PREFETCHED_MAX_AGE:g}s",
-                           older_than=_PREFETCHED_MAX_AGE)
+        # Not past half a lease either: a lease that lapsed while we were cut off
+        # from Redis may have been given to another worker.
+        max_age = min(_PREFETCHED_MAX_AGE, self.config.lease / 2)
+        self._release_prefetched(f"held by worker {self.name} for over {max_age:g}s",
+                                 older_than=max_age)
+
         self._start_prefetched()
         free_mem, free_cpus, free_gpus = self._free()
         # Declared budget AND measured headroom (less the high-water mark and what
@@ -631,11 +635,16 @@ class Worker:
         if (room + extra) <= 0 or not self._redis_ok():
             return False
         wanted = min(room + extra, 64)
+        task_caps = None
         if extra:
-            # Ask as if the running tasks were done: what does not fit now is held
-            # and started the moment their slots free up.
-            free_cpus += _PREFETCH_DEPTH * sum(r.claim.spec.cpus for r in self.running.values())
-            free_mem += _PREFETCH_DEPTH * sum(r.mem for r in self.running.values())
+            # Ask as if the running tasks were done (twice over): what does not fit
+            # now is held and started the moment their slots free up. No one task
+            # may need more than this worker has once its running tasks end.
+            running_cpus = sum(r.claim.spec.cpus for r in self.running.values())
+            running_mem = sum(r.mem for r in self.running.values())
+            task_caps = (free_mem + running_mem, free_cpus + running_cpus)
+            free_cpus += _PREFETCH_DEPTH * running_cpus
+            free_mem += _PREFETCH_DEPTH * running_mem
         completes: list[_Report] = []
         for report in self.outbox:
             if report.kind != "complete" or len(completes) == 64:
@@ -652,7 +661,7 @@ class Worker:
                 [(r.task_id, r.token, r.result) for r in completes],
                 self.name, self.instance, free_mem=free_mem, free_cpus=free_cpus,
                 free_gpus=len(free_gpus), max_count=wanted, lease_ms=self._lease_ms,
-                free_resources=self._free_resources(), claim=not drained)
+                free_resources=self._free_resources(), claim=not drained, task_caps=task_caps)
             for report, applied in zip(completes, done, strict=True):
                 self.outbox.popleft()
                 if isinstance(applied, Exception):  # a script error: not applied
@@ -683,8 +692,9 @@ class Worker:
         return len(claims) == wanted
 
     def _prefetch_room(self) -> int:
-        """How many more tasks to hold: up to one per running task, while recent tasks
-        are short (a round trip is then a real share of each task's time)."""
+        """How many more tasks to hold: up to ``_PREFETCH_DEPTH`` per running task,
+        while recent tasks are short (a round trip is then a real share of each
+        task's time)."""
         if not self.config.prefetch or self.config.max_tasks is not None or self.stopping \
                 or self._recent_wall is None or self._recent_wall > _PREFETCH_BELOW:
             return 0
@@ -696,7 +706,7 @@ class Worker:
     def _start_prefetched(self) -> None:
         """Start held tasks in claim order while the next one fits (declared budget,
         GPUs, custom resources and the memory guard, as for a fresh claim)."""
-        while self.prefetched and len(self.running) < self.config.max_running:
+        while self.prefetched and len(self.running) < self.config.max_running and self.online:
             claim, payload, _ = self.prefetched[0]
             free_mem, free_cpus, free_gpus = self._free()
             measured, fits = self.guard.admission(

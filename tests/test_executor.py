@@ -321,3 +321,34 @@ def test_local_worker_stops_when_its_client_dies(redis_server: RedisProcess, que
              psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, timeout=30)
     task = client.task(task_id)
     assert task.state == "queued" and "stopped" in (task.reason or "")
+
+
+def test_local_worker_that_cannot_start_says_so(client: Client) -> None:
+    """A local worker that fails at start (here: its name is taken) raises at once
+    instead of leaving futures waiting for a worker that is not there."""
+    from distcomp.local import LocalWorkerError
+
+    first = client.local_worker(1, name="only-one")
+    try:
+        with pytest.raises(LocalWorkerError, match="did not start"):
+            client.local_worker(1, name="only-one")
+    finally:
+        first.stop()
+
+
+def test_local_worker_tasks_see_the_callers_pythonpath_only(
+        client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The local worker imports distcomp through the client's sys.path, but its tasks
+    get the environment's PYTHONPATH, not that list."""
+    from distcomp.spec import TaskSpec
+
+    monkeypatch.setenv("PYTHONPATH", "/nonexistent/marker")
+    worker = client.local_worker(1)
+    try:
+        tid = client.store.submit([TaskSpec(cmd='echo "PP=$PYTHONPATH"')],
+                                  job_name="env").task_ids[0]
+        wait_for(lambda: client.task(tid).state == "succeeded")
+        assert (client.store.task_fields([tid], ["out_tail"])[0][0] or "").strip() == \
+            "PP=/nonexistent/marker"
+    finally:
+        worker.stop()

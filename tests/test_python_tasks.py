@@ -3,6 +3,7 @@ pickles and their refusal, results inline or as files, crashes) on a real redis-
 
 from __future__ import annotations
 
+import base64
 import json
 import sys
 import threading
@@ -232,3 +233,29 @@ def test_small_payload_travels_inside_the_spec(client: Client, store: Store,
     assert store.redis.keys(store.prefix + "payload:*") == []
     start_worker(max_tasks=1, allow_pickle=True).join()
     assert fut.result(timeout=30) == b"xxx"
+
+
+def big_buffer(n: int) -> object:
+    """What numpy arrays hand to pickle under protocol 5: a PickleBuffer (no len())."""
+    import pickle
+
+    return pickle.PickleBuffer(bytearray(b"y" * n))
+
+
+@pytest.mark.parametrize("inline_max", [-1, 1 << 20, 1000])
+def test_outcome_sink_takes_pickle_buffers(tmp_path: Path, inline_max: int) -> None:
+    """A 200 KB protocol-5 buffer, in memory (the reply) or spilled to the result file."""
+    from distcomp.pytask import execute
+
+    result_path = tmp_path / "r.result"
+    code, data = execute(cloudpickle.dumps((big_buffer, (200_000,), {})), str(result_path),
+                         inline_max)
+    assert code == 0
+    if inline_max >= 200_000:
+        assert data is not None and not result_path.exists()
+    else:
+        assert data is None
+        data = result_path.read_bytes()
+    ok, value = decode_outcome("1.1", {"state": "succeeded",
+                                       "result": base64.b64encode(data).decode()})
+    assert ok and bytes(value) == b"y" * 200_000

@@ -432,3 +432,19 @@ def test_held_tasks_go_back_when_the_worker_stops(
     assert _states(store, [quick, slow]) == ["queued", "queued"]
     reason = store.task_fields([quick], ["reason"])[0][0]
     assert reason is not None and "stopped" in reason
+
+
+def test_prefetch_never_claims_a_task_larger_than_the_worker(
+        store: Store, start_worker: Callable[..., WorkerThread]) -> None:
+    """A prefetching claim asks with more than is free, but never for a task this
+    worker could not run even when idle: that one stays for a bigger worker."""
+    warm = store.submit([TaskSpec(cmd=f"true {i}") for i in range(5)], job_name="warm")
+    w = start_worker(cpus=2)
+    wait_for(lambda: _states(store, warm.task_ids) == ["succeeded"] * 5)
+    slow = store.submit([TaskSpec(cmd="sleep 30", cpus=2)], job_name="slow").task_ids[0]
+    wait_for(lambda: len(w.worker.running) == 1)
+    big = store.submit([TaskSpec(cmd="true", cpus=4)], job_name="big").task_ids[0]
+    small = store.submit([TaskSpec(cmd="true")], job_name="small").task_ids[0]
+    wait_for(lambda: [c.task_id for c, _, _ in w.worker.prefetched] == [small])
+    assert _states(store, [slow, big, small]) == ["running", "queued", "running"]
+    w.stop()

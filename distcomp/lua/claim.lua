@@ -1,7 +1,9 @@
 -- claim: queued -> running, up to max_count tasks that fit the worker's free resources.
 --
 -- ARGV: worker, instance, free_mem, free_cpus, free_gpus, max_count, lease_ms, nonce,
--- free custom resources ("license=2;disk=1", "" for none)
+-- free custom resources ("license=2;disk=1", "" for none), and optionally the most
+-- memory and cpus any one task may need (a worker that prefetches asks with more
+-- than is free now, but never for a task larger than itself; "" = no such cap)
 --
 -- Cost: O(shapes * log N). Ready tasks sit in one sorted set per resource shape
 -- ("m<mem floor MiB>:c<cpus>:g<gpus>"); the script looks only at the heads of the
@@ -33,6 +35,8 @@ local worker, instance = ARGV[1], ARGV[2]
 local free_mem, free_cpus, free_gpus = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local max_count, lease_ms = tonumber(ARGV[6]), tonumber(ARGV[7])
 local nonce = ARGV[8]
+local cap_mem = tonumber(ARGV[10] or '') or math.huge
+local cap_cpus = tonumber(ARGV[11] or '') or math.huge
 -- Custom named resources: a shape may end in ":r<name>=<n>;<name>=<n>".
 local function parse_resources(text)
   local t = {}
@@ -79,7 +83,7 @@ for _ = 1, max_count do
   for _, shape in ipairs(shapes) do
     local m, c, g, rest = string.match(shape, '^m(%d+):c(%d+):g(%d+):?r?(.*)$')
     m, c, g = tonumber(m) * 1048576, tonumber(c), tonumber(g)
-    if c <= free_cpus and g <= free_gpus and m <= free_mem
+    if c <= free_cpus and c <= cap_cpus and g <= free_gpus and m <= free_mem and m <= cap_mem
         and (rest == '' or resources_fit(parse_resources(rest))) then
       local head = redis.call('ZRANGE', ready_key(shape), 0, HEAD_SCAN - 1, 'WITHSCORES')
       for i = 1, #head, 2 do
@@ -87,7 +91,7 @@ for _ = 1, max_count do
         if best_score and score >= best_score then break end
         if not excluded(tid) then
           local mem = tonumber(redis.call('HGET', task_key(tid), 'mem'))
-          if mem <= free_mem then
+          if mem <= free_mem and mem <= cap_mem then
             best_tid, best_score, best_shape, best_mem = tid, score, shape, mem
           end
           break
