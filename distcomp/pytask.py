@@ -280,9 +280,12 @@ def _run_request(request: dict[str, Any], here: _Interpreter) -> dict[str, Any]:
     os.dup2(err, 2)
     os.close(out)
     os.close(err)
+    # Set (and later put back) only what differs (calls of one map share most of
+    # it): each os.environ assignment is a putenv and two encodes.
     saved_env = {name: os.environ.get(name) for name in request["env"]}
     saved_streams = sys.stdout, sys.stderr
-    os.environ.update(request["env"])
+    os.environ.update({name: value for name, value in request["env"].items()
+                       if saved_env[name] != value})
     home = os.getcwd()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     sizes = [0, 0]
@@ -305,6 +308,8 @@ def _run_request(request: dict[str, Any], here: _Interpreter) -> dict[str, Any]:
             with contextlib.suppress(Exception):
                 stream.flush()
         for name, value in saved_env.items():
+            if os.environ.get(name) == value:
+                continue
             if value is None:
                 os.environ.pop(name, None)
             else:

@@ -705,20 +705,29 @@ class Worker:
 
     def _start_prefetched(self) -> None:
         """Start held tasks in claim order while the next one fits (declared budget,
-        GPUs, custom resources and the memory guard, as for a fresh claim)."""
-        while self.prefetched and len(self.running) < self.config.max_running and self.online:
+        GPUs, custom resources and the memory guard, as for a fresh claim). What is
+        free is worked out once and counted down, as the claim script does."""
+        if not self.prefetched or not self.online:
+            return
+        free_mem, free_cpus, free_gpus = self._free()
+        measured, fits = self.guard.admission(
+            [r.candidate() for r in self.running.values()], time.monotonic())
+        free_mem = min(free_mem, measured)
+        free_res = self._free_resources()
+        while self.prefetched and fits > 0 and len(self.running) < self.config.max_running:
             claim, payload, _ = self.prefetched[0]
-            free_mem, free_cpus, free_gpus = self._free()
-            measured, fits = self.guard.admission(
-                [r.candidate() for r in self.running.values()], time.monotonic())
             spec = claim.spec
-            free_res = self._free_resources()
-            if fits <= 0 or spec.cpus > free_cpus or spec.gpus > len(free_gpus) \
-                    or max(claim.mem, spec.mem) > min(free_mem, measured) \
+            mem = max(claim.mem, spec.mem)
+            if spec.cpus > free_cpus or spec.gpus > len(free_gpus) or mem > free_mem \
                     or any(n > free_res.get(name, 0) for name, n in spec.resources):
                 return
             self.prefetched.popleft()
-            self._start(claim, free_gpus, {spec.payload or "": payload})
+            self._start(claim, free_gpus, {spec.payload or "": payload})  # takes its GPUs
+            fits -= 1
+            free_cpus -= spec.cpus
+            free_mem -= mem
+            for name, n in spec.resources:
+                free_res[name] = free_res.get(name, 0) - n
 
     def _drop_prefetched(self, task_ids: set[str]) -> None:
         """Forget held tasks that are no longer ours (cancelled, lease lost)."""
