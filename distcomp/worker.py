@@ -614,9 +614,7 @@ class Worker:
         Otherwise the loop waits: a submit or a finished task wakes it."""
         # Not past half a lease either: a lease that lapsed while we were cut off
         # from Redis may have been given to another worker.
-        max_age = min(_PREFETCHED_MAX_AGE, self.config.lease / 2)
-        self._release_prefetched(f"held by worker {self.name} for over {max_age:g}s",
-                                 older_than=max_age)
+        self._release_prefetched(older_than=min(_PREFETCHED_MAX_AGE, self.config.lease / 2))
 
         self._start_prefetched()
         free_mem, free_cpus, free_gpus = self._free()
@@ -734,11 +732,14 @@ class Worker:
         if task_ids and self.prefetched:
             self.prefetched = deque(h for h in self.prefetched if h[0].task_id not in task_ids)
 
-    def _release_prefetched(self, reason: str, older_than: float | None = None) -> None:
-        """Give held tasks back to the queue (stopping, or held too long)."""
+    def _release_prefetched(self, older_than: float | None = None) -> None:
+        """Give held tasks back to the queue: all of them (stopping), or those held
+        longer than ``older_than`` seconds."""
         now = time.monotonic()
         while self.prefetched and (older_than is None or now - self.prefetched[0][2] > older_than):
             claim, _, _ = self.prefetched.popleft()
+            reason = (f"worker {self.name} stopped" if older_than is None else
+                      f"held by worker {self.name} for over {older_than:g}s")
             self.outbox.append(_Report("requeue", claim.task_id, claim.token, {},
                                        reason=reason, spec=claim.spec))
 
@@ -821,7 +822,7 @@ class Worker:
 
     # -- stopping --------------------------------------------------------
     def _stop_running_tasks(self) -> None:
-        self._release_prefetched(f"worker {self.name} stopped")
+        self._release_prefetched()
         if self.config.drain and not self.hard_stop:
             return
         for item in self.running.values():
@@ -833,7 +834,7 @@ class Worker:
                 item.proc.terminate("worker stopping")
 
     def _shutdown(self) -> None:
-        self._release_prefetched(f"worker {self.name} stopped")
+        self._release_prefetched()
         for item in self.running.values():
             item.proc.kill_now("worker stopping")
         self._closed.set()
