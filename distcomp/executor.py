@@ -116,8 +116,7 @@ class TaskFuture(cf.Future[Any]):
             return True
         if self.done() or not self._api.is_running(self.task_id):
             return False
-        with contextlib.suppress(RuntimeError):  # finished or cancelled meanwhile
-            self.set_running_or_notify_cancel()
+        _mark_running(self)
         return super().running()
 
     def cancel(self) -> bool:
@@ -128,6 +127,14 @@ class TaskFuture(cf.Future[Any]):
         if not self._api.cancel_queued([self.task_id]):
             return self.cancelled()
         return _mark_cancelled(self)
+
+
+def _mark_running(fut: cf.Future[Any]) -> None:
+    """PENDING -> RUNNING from what the queue said; a no-op if the future is running
+    or finished already (or gets there meanwhile, from another thread)."""
+    with contextlib.suppress(RuntimeError):
+        if not cf.Future.running(fut) and not fut.done():
+            fut.set_running_or_notify_cancel()
 
 
 def _mark_cancelled(fut: cf.Future[Any]) -> bool:
@@ -439,15 +446,11 @@ class PythonTasks:
                             self._early.popitem(last=False)
                     continue
                 if kind == "claim":
-                    with contextlib.suppress(RuntimeError):
-                        if not cf.Future.running(fut) and not fut.done():
-                            fut.set_running_or_notify_cancel()
+                    _mark_running(fut)
                 elif kind == "cancelled" and fields.get("was") == "running":
                     # It had started (we are told no starts): as in the stdlib, a
                     # running call is not cancelled() but raises CancelledError.
-                    with contextlib.suppress(RuntimeError):
-                        if not cf.Future.running(fut) and not fut.done():
-                            fut.set_running_or_notify_cancel()
+                    _mark_running(fut)
                     finished.append(tid)
                 elif kind == "succeeded" and fields.get("result"):
                     # a small result came with the notice: nothing to read

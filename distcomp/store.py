@@ -396,16 +396,17 @@ class Store:
         calls: list[tuple[str, Sequence[Any]]] = [
             ("complete", [task_id, token, *_flatten(result)])
             for task_id, token, result in completes]
+        if claim:
+            calls.append(("claim", _claim_args(worker, instance, free_mem, free_cpus, free_gpus,
+                                               max_count, lease_ms, free_resources, task_caps)))
+        replies = self._pipelined(calls)
+        done: list[bool | Exception] = [
+            reply if isinstance(reply, Exception) else bool(reply)
+            for reply in replies[:len(completes)]]
         if not claim:
             nothing = Claims()
             nothing.drained = True
-            return [r if isinstance(r, Exception) else bool(r)
-                    for r in self._pipelined(calls)], nothing
-        calls.append(("claim", _claim_args(worker, instance, free_mem, free_cpus, free_gpus,
-                                           max_count, lease_ms, free_resources, task_caps)))
-        replies = self._pipelined(calls)
-        done: list[bool | Exception] = [
-            reply if isinstance(reply, Exception) else bool(reply) for reply in replies[:-1]]
+            return done, nothing
         last = replies[-1]
         if isinstance(last, redis.ResponseError):
             return done, _script_error(last)
@@ -683,15 +684,6 @@ class Store:
         return [(key, [(entry_id, dict(zip(flat[::2], flat[1::2], strict=True)))
                        for entry_id, flat in entries])
                 for key, entries in streams]
-
-    def read_events(self, after: str, *, block_ms: int, count: int = 1000
-                    ) -> list[tuple[str, dict[str, str]]]:
-        """Events after ``after``, waiting up to ``block_ms`` for the first one."""
-        reply = cast(list[Any], self.redis.xread({self.key("events"): after}, count=count,
-                                                  block=block_ms))
-        if not reply:
-            return []
-        return cast(list[tuple[str, dict[str, str]]], reply[0][1])
 
     def task_fields(self, task_ids: Sequence[str], fields: Sequence[str]
                     ) -> list[list[str | None]]:
